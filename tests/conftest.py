@@ -1,0 +1,66 @@
+"""Test-session guards shared by every test.
+
+- No network: HF_HUB_OFFLINE=1, and any socket connection to a non-loopback address fails the test.
+- One CPU thread: tiny models are ~10x faster on this 2-core machine without thread overhead.
+"""
+
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PROTLLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _is_loopback(address) -> bool:
+    if isinstance(address, (tuple, list)) and address:
+        host = str(address[0])
+        return host in ("localhost", "::1", "0.0.0.0", "") or host.startswith("127.")
+    return True  # AF_UNIX and other local families
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _guarded_connect(self, address):
+    if not _is_loopback(address):
+        raise RuntimeError(f"network access attempted during tests: {address!r}")
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    if not _is_loopback(address):
+        raise RuntimeError(f"network access attempted during tests: {address!r}")
+    return _real_connect_ex(self, address)
+
+
+socket.socket.connect = _guarded_connect
+socket.socket.connect_ex = _guarded_connect_ex
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data directory not found: {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
