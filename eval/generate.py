@@ -1,0 +1,261 @@
+"""Generation runner: batched, length-sorted, resumable predictions for any :class:`Predictor`.
+
+A predictor is any object with ``predict(examples: list[dict]) -> list[str]`` (one answer per
+example, same order) and, optionally, ``name`` and ``settings() -> dict``. :class:`ModelPredictor`
+wraps a ProtLLM model folder (``AutoProcessor`` + ``AutoModelForCausalLM``, ``trust_remote_code``),
+baselines live in :mod:`eval.baselines`.
+
+:func:`run_generation` writes one JSON line per example as soon as its batch is done (flush +
+fsync), so a killed run loses at most one batch; a rerun reads the file, drops a torn last line,
+skips ids already present and never writes an id twice. The exact settings are saved next to the
+predictions (``<predictions>.settings.json``); resuming with different settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from .data import example_length
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    def predict(self, examples: list[dict]) -> list[str]: ...
+
+
+def predictor_name(p) -> str:
+    return getattr(p, "name", None) or type(p).__name__
+
+
+def predictor_settings(p) -> dict:
+    s = p.settings() if hasattr(p, "settings") else {}
+    return {"predictor": predictor_name(p), **s}
+
+
+def read_predictions(path) -> tuple[dict[str, str], dict]:
+    """``{id: prediction}`` from a predictions JSONL; torn/invalid lines and duplicates are counted
+    (first occurrence wins)."""
+    preds: dict[str, str] = {}
+    info = {"invalid_lines": 0, "duplicate_ids": 0}
+    p = Path(path)
+    if not p.exists():
+        return preds, info
+    with open(p) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                key = str(obj["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                info["invalid_lines"] += 1
+                continue
+            if key in preds:
+                info["duplicate_ids"] += 1
+                continue
+            pred = obj.get("prediction")
+            preds[key] = "" if pred is None else str(pred)
+    return preds, info
+
+
+def _repair(path: Path) -> None:
+    """Rewrite the file keeping only complete, valid, first-seen lines (after a kill mid-write)."""
+    if not path.exists():
+        return
+    good, seen, changed = [], set(), False
+    with open(path) as fh:
+        for line in fh:
+            try:
+                obj = json.loads(line)
+                key = str(obj["id"])
+                ok = line.endswith("\n") and key not in seen
+            except (json.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if ok:
+                seen.add(key)
+                good.append(line)
+            else:
+                changed = changed or bool(line.strip()) or not line.endswith("\n")
+    if changed:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.writelines(good)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def run_generation(
+    predictor,
+    examples: list[dict],
+    out_path,
+    batch_size: int = 8,
+    progress: bool = True,
+    settings: dict | None = None,
+    allow_settings_change: bool = False,
+) -> dict[str, str]:
+    """Predict every example not yet in ``out_path``; return ``{id: prediction}`` for all examples.
+
+    Examples are sorted by :func:`eval.data.example_length` (longest first: memory errors show up
+    in the first batch, and batches hold similar lengths so little padding is wasted).
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {**predictor_settings(predictor), **(settings or {}), "batch_size": batch_size}
+    settings_path = out_path.with_name(out_path.name + ".settings.json")
+    if settings_path.exists() and out_path.exists() and out_path.stat().st_size > 0:
+        old = json.loads(settings_path.read_text())
+        diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings)
+                if k not in ("batch_size",) and old.get(k) != settings.get(k)}
+        if diff and not allow_settings_change:
+            raise ValueError(
+                f"{out_path} was produced with other settings {diff}; use a new output directory "
+                "or delete the file to start over"
+            )
+    settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    _repair(out_path)
+    done, _ = read_predictions(out_path)
+    todo = [ex for ex in examples if ex["id"] not in done]
+    # de-duplicate ids within this call
+    seen, uniq = set(done), []
+    for ex in todo:
+        if ex["id"] not in seen:
+            seen.add(ex["id"])
+            uniq.append(ex)
+    todo = sorted(uniq, key=example_length, reverse=True)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"predict {predictor_name(predictor)}", unit="ex", file=sys.stderr,
+                   initial=0)
+    with open(out_path, "a") as fh:
+        for i in range(0, len(todo), max(1, batch_size)):
+            batch = todo[i : i + batch_size]
+            answers = list(predictor.predict(batch))
+            if len(answers) != len(batch):
+                raise RuntimeError(f"predictor returned {len(answers)} answers for {len(batch)} examples")
+            for ex, ans in zip(batch, answers):
+                fh.write(json.dumps({"id": ex["id"], "prediction": "" if ans is None else str(ans)}) + "\n")
+                done[ex["id"]] = "" if ans is None else str(ans)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return {ex["id"]: done.get(ex["id"], "") for ex in examples}
+
+
+class FilePredictor:
+    """Predictions read from an existing JSONL (``{"id", "prediction"}``): score external outputs.
+    Ids missing from the file answer ``""`` (scored wrong, counted as ``missing_predictions``)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.name = Path(path).stem
+        self.preds, self.info = read_predictions(path)
+        self.missing = 0
+
+    def predict(self, examples):
+        out = []
+        for ex in examples:
+            if ex["id"] not in self.preds:
+                self.missing += 1
+            out.append(self.preds.get(ex["id"], ""))
+        return out
+
+    def settings(self):
+        return {"file": self.path}
+
+    def extra_ids(self, examples) -> int:
+        ids = {ex["id"] for ex in examples}
+        return sum(1 for k in self.preds if k not in ids)
+
+
+def build_messages(ex: dict) -> list[dict]:
+    """Chat messages of the model folder contract for one example."""
+    content = []
+    for p in ex.get("proteins") or []:
+        block = {"type": "protein", "sequence": p.get("sequence") or ""}
+        if p.get("structure"):
+            block["structure"] = p["structure"]
+        content.append(block)
+    content.append({"type": "text", "text": ex.get("question") or ""})
+    return [{"role": "user", "content": content}]
+
+
+class ModelPredictor:
+    """A ProtLLM model folder used through the processor's chat template and ``model.generate``.
+
+    Greedy by default; ``do_sample=True`` seeds torch (``seed``) before every batch so a rerun of
+    the same batch gives the same text. KV cache on. Left padding (set on the tokenizer here too).
+    """
+
+    def __init__(self, model_dir, max_new_tokens: int = 128, do_sample: bool = False, seed: int = 0,
+                 temperature: float | None = None, top_p: float | None = None, num_beams: int = 1,
+                 device: str | None = None, dtype: str | None = None, model=None, processor=None,
+                 name: str | None = None):
+        self.model_dir = str(model_dir)
+        self.name = name or Path(self.model_dir.rstrip("/")).name or "model"
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.seed = seed
+        self.temperature = temperature
+        self.top_p = top_p
+        self.num_beams = num_beams
+        self.device = device
+        self.dtype = dtype
+        self._model, self._proc = model, processor
+
+    def _load(self):
+        if self._model is not None and self._proc is not None:
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        kw = {"trust_remote_code": True}
+        if self.dtype:
+            kw["dtype"] = getattr(torch, self.dtype)
+        self._proc = self._proc or AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
+        self._model = self._model or AutoModelForCausalLM.from_pretrained(self.model_dir, **kw)
+        self._model.to(device).eval()
+        self.device = device
+
+    def generation_kwargs(self) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "use_cache": True,
+              "num_beams": self.num_beams}
+        if self.do_sample:
+            if self.temperature is not None:
+                kw["temperature"] = self.temperature
+            if self.top_p is not None:
+                kw["top_p"] = self.top_p
+        return kw
+
+    def settings(self):
+        return {"model_dir": self.model_dir, **self.generation_kwargs(),
+                "seed": self.seed if self.do_sample else None, "dtype": self.dtype, "padding_side": "left"}
+
+    def predict(self, examples):
+        import torch
+
+        self._load()
+        tok = getattr(self._proc, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+        msgs = [build_messages(ex) for ex in examples]
+        inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                return_tensors="pt", padding=True)
+        dev = getattr(self._model, "device", self.device)
+        inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
+        if self.do_sample:
+            torch.manual_seed(self.seed)
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, **self.generation_kwargs())
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self._proc.batch_decode(new, skip_special_tokens=True)]
