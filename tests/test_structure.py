@@ -1,0 +1,393 @@
+"""Structure featuriser (structure_protllm.py) on the real CSA enzyme structures in ../shared/data.
+
+Label policy (checked on all 452 chains): the label sequence equals the chain's resolved sequence, or the
+chain has extra resolved terminal residues the label lacks (5 chains: 1CM0-B, 1GZ6-A/B, 1H54-A, 1X9D-A have
+one extra C-terminal residue), so the label is a substring of the parsed sequence. Either way
+``load_structure(file, chain, sequence=label)`` aligns and returns exactly the label length.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import structure_protllm as sp
+from structure_protllm import StructureError
+
+CSA = "structures/csa_enzymes"
+
+
+@pytest.fixture(scope="module")
+def csa(shared_data) -> Path:
+    d = shared_data / CSA
+    if not (d / "labels.tsv").is_file():
+        pytest.skip("CSA structures not available")
+    return d
+
+
+@pytest.fixture(scope="module")
+def labels(csa):
+    with open(csa / "labels.tsv") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def a05(csa):
+    return csa / "1A05.pdb.gz"
+
+
+def _label_seq(labels, key):
+    return next(r["sequence"] for r in labels if r["pdb_chain"] == key)
+
+
+# ---------------------------------------------------------------------------------------------- all files
+def test_every_labelled_chain_comes_out_of_its_file(csa, labels):
+    assert len(labels) == 452
+    files = sorted(csa.glob("*.pdb.gz"))
+    assert len(files) == 206
+    chains = {f.name.split(".")[0]: sp.parse_structure_chains(f) for f in files}
+    exact = substring = 0
+    for row in labels:
+        pdb_id, chain = row["pdb_chain"].split("-", 1)
+        label = row["sequence"]
+        parsed = chains[pdb_id][chain]
+        if parsed == label:
+            exact += 1
+        else:
+            assert label in parsed and len(parsed) - len(label) <= 2, row["pdb_chain"]
+            substring += 1
+        s = sp.load_structure(csa / f"{pdb_id}.pdb.gz", chain=chain, sequence=label)
+        assert s.sequence == label and len(s) == len(label) == int(row["seq_len"])
+        assert s.coords.shape == (len(label), 4, 3) and s.coords.dtype == np.float32
+        assert s.coord_mask.mean() > 0.95, row["pdb_chain"]
+        assert np.isfinite(s.coords[s.coord_mask][:, :3]).all()
+        assert s.plddt is None  # experimental structures: B-factors are not pLDDT
+        assert s.chain_id == chain
+    assert exact >= 440 and exact + substring == 452
+
+
+def test_default_chain_and_sequence_based_chain_choice(a05, labels):
+    s = sp.load_structure(a05)
+    assert s.chain_id == "A"
+    assert s.sequence == _label_seq(labels, "1A05-A")
+    assert s.source == "1A05.pdb.gz"
+
+
+def test_chain_picked_by_sequence(csa):
+    chains = sp.parse_structure_chains(csa / "1A05.pdb.gz")
+    # find a multi-chain file whose chains differ, and ask for the second by sequence only
+    for f in sorted(csa.glob("*.pdb.gz"))[:80]:
+        ch = sp.parse_structure_chains(f)
+        seqs = list(ch.items())
+        if len(seqs) >= 2 and seqs[0][1] != seqs[-1][1] and len(seqs[-1][1]) > 30:
+            s = sp.load_structure(f, sequence=seqs[-1][1])
+            assert s.sequence == seqs[-1][1]
+            assert ch[s.chain_id] == seqs[-1][1]
+            return
+    assert chains  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------- formats
+@pytest.mark.parametrize("fmt", ["cif", "bcif"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_mmcif_and_bcif_round_trip(a05, tmp_path, fmt, gz):
+    biotite = pytest.importorskip("biotite")
+    import biotite.structure.io.pdb as pdb
+    import biotite.structure.io.pdbx as pdbx
+
+    ref = sp.load_structure(a05, chain="B")
+    with gzip.open(a05, "rt") as fh:
+        atoms = pdb.PDBFile.read(fh).get_structure(model=1, extra_fields=["b_factor"])
+    f = pdbx.BinaryCIFFile() if fmt == "bcif" else pdbx.CIFFile()
+    pdbx.set_structure(f, atoms)
+    buf = io.BytesIO() if fmt == "bcif" else io.StringIO()
+    f.write(buf)
+    raw = buf.getvalue() if fmt == "bcif" else buf.getvalue().encode()
+    path = tmp_path / (f"x.{fmt}.gz" if gz else f"x.{fmt}")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    assert biotite is not None
+    got = sp.load_structure(path, chain="B")
+    assert got.sequence == ref.sequence
+    np.testing.assert_allclose(got.coords, ref.coords, atol=1e-3, equal_nan=True)
+    np.testing.assert_array_equal(got.coord_mask, ref.coord_mask)
+    assert sp.parse_structure_chains(path) == sp.parse_structure_chains(a05)
+    # bytes input, format sniffed
+    got_b = sp.load_structure(path.read_bytes(), chain="B")
+    np.testing.assert_allclose(got_b.coords, ref.coords, atol=1e-3, equal_nan=True)
+    assert got_b.source == "<bytes>"
+
+
+def test_plain_pdb_bytes_and_pathlike(a05):
+    raw = gzip.decompress(a05.read_bytes())
+    s1 = sp.load_structure(raw, chain="A", file_format="pdb")
+    s2 = sp.load_structure(str(a05), chain="A")
+    np.testing.assert_array_equal(s1.coords, s2.coords)
+
+
+# ---------------------------------------------------------------------------------------------- alignment
+def _pdb_lines(a05):
+    return gzip.decompress(a05.read_bytes()).decode().splitlines()
+
+
+def test_missing_loop_is_aligned_and_masked(a05, labels, tmp_path):
+    lines = _pdb_lines(a05)
+    # delete residues 100-109 of chain A
+    kept = [ln for ln in lines if not (ln.startswith("ATOM") and ln[21] == "A" and 100 <= int(ln[22:26]) <= 109)]
+    p = tmp_path / "loop.pdb"
+    p.write_text("\n".join(kept) + "\n")
+    label = _label_seq(labels, "1A05-A")
+    assert len(sp.parse_structure_chains(p)["A"]) == len(label) - 10
+    s = sp.load_structure(p, chain="A", sequence=label)
+    assert s.sequence == label
+    ref = sp.load_structure(a05, chain="A", sequence=label)
+    gap = np.zeros(len(label), bool)
+    gap[99:109] = True
+    assert not s.coord_mask[gap].any() and np.isnan(s.coords[gap]).all()
+    np.testing.assert_array_equal(s.coords[~gap], ref.coords[~gap])
+    assert s.residue_ids[98] == "99" and s.residue_ids[99] == ""
+    # renumbered file (numbering no longer in register) goes through the DP alignment and agrees
+    renum = []
+    for ln in kept:
+        if ln.startswith("ATOM") and ln[21] == "A" and int(ln[22:26]) > 109:
+            ln = ln[:22] + f"{int(ln[22:26]) - 10:4d}" + ln[26:]
+        renum.append(ln)
+    p2 = tmp_path / "renum.pdb"
+    p2.write_text("\n".join(renum) + "\n")
+    s2 = sp.load_structure(p2, chain="A", sequence=label)
+    np.testing.assert_array_equal(s2.coord_mask, s.coord_mask)
+    np.testing.assert_array_equal(s2.coords, s.coords)
+
+
+def test_sequence_with_extra_residues_and_mutation(a05, labels):
+    label = _label_seq(labels, "1A05-A")
+    seq = "MGSSHHHHHH" + label[:50] + ("W" if label[50] != "W" else "A") + label[51:]
+    s = sp.load_structure(a05, chain="A", sequence=seq)
+    assert len(s) == len(seq)
+    assert not s.coord_mask[:10].any()
+    assert s.coord_mask[10:].mean() > 0.99  # the mutated residue keeps its coordinates
+
+
+def test_modified_residue_maps_to_parent(a05, labels, tmp_path):
+    lines = _pdb_lines(a05)
+    out = []
+    for ln in lines:  # MET 1 of chain A -> HETATM MSE (selenomethionine)
+        if ln.startswith("ATOM") and ln[21] == "A" and ln[17:20] == "MET" and int(ln[22:26]) == 1:
+            ln = "HETATM" + ln[6:17] + "MSE" + ln[20:]
+            ln = ln.replace(" SD ", "SE  ") if ln[12:16] == " SD " else ln
+        out.append(ln)
+    p = tmp_path / "mse.pdb"
+    p.write_text("\n".join(out) + "\n")
+    label = _label_seq(labels, "1A05-A")
+    assert sp.parse_structure_chains(p)["A"] == label
+    s = sp.load_structure(p, chain="A", sequence=label)
+    assert s.coord_mask[0]
+
+
+def test_altlocs_take_first(a05, tmp_path):
+    lines = _pdb_lines(a05)
+    out = []
+    for ln in lines:
+        if ln.startswith("ATOM") and ln[21] == "A" and int(ln[22:26]) == 5:
+            a = ln[:16] + "A" + ln[17:]
+            shifted = f"{float(ln[30:38]) + 5.0:8.3f}"
+            b = ln[:16] + "B" + ln[17:30] + shifted + ln[38:]
+            out += [a, b]
+        else:
+            out.append(ln)
+    p = tmp_path / "alt.pdb"
+    p.write_text("\n".join(out) + "\n")
+    s = sp.load_structure(p, chain="A")
+    ref = sp.load_structure(a05, chain="A")
+    np.testing.assert_array_equal(s.coords, ref.coords)
+    assert s.sequence == ref.sequence
+
+
+def test_wrong_sequence_raises(a05):
+    rng = np.random.default_rng(0)
+    wrong = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 300))
+    with pytest.raises(StructureError, match=r"1A05\.pdb\.gz.*'A'.*identity"):
+        sp.load_structure(a05, chain="A", sequence=wrong)
+    with pytest.raises(StructureError, match=r"1A05\.pdb\.gz"):
+        sp.load_structure(a05, sequence=wrong)
+
+
+def test_crop_and_reload_existing_structure(a05, labels):
+    s = sp.load_structure(a05, chain="A")
+    c = s.crop(10, 60)
+    assert len(c) == 50 and c.sequence == s.sequence[10:60]
+    np.testing.assert_array_equal(c.coords, s.coords[10:60])
+    assert sp.load_structure(s) is s
+    r = sp.load_structure(s, sequence="MGSS" + s.sequence)
+    assert len(r) == len(s) + 4 and not r.coord_mask[:4].any()
+    np.testing.assert_array_equal(r.coords[4:], s.coords)
+
+
+def test_dict_input(a05):
+    s = sp.load_structure(a05, chain="A")
+    d = sp.load_structure({"coords": s.coords, "sequence": s.sequence})
+    np.testing.assert_array_equal(d.coords, s.coords)
+    ca = sp.load_structure({"coords": s.coords[:, 1], "sequence": s.sequence, "plddt": np.full(len(s), 90.0)})
+    assert ca.coord_mask.all() and ca.plddt is not None
+    assert set(sp.three_di_tokens(ca)) == {"#"}  # no N/C: 3Di unknown
+
+
+# ---------------------------------------------------------------------------------------------- 3Di / SaProt
+def test_three_di_tokens(a05):
+    s = sp.load_structure(a05, chain="A")
+    t1 = sp.three_di_tokens(s)
+    t2 = sp.three_di_tokens(sp.load_structure(a05, chain="A"))
+    assert t1 == t2 and len(t1) == len(s)
+    assert set(t1) <= set(sp.SAPROT_STRUC_VOCAB)
+    assert t1 == t1.lower()
+    assert len(set(t1)) > 8  # a real protein uses many states
+    # gaps -> '#', the rest is still encoded
+    seq = "MGSS" + s.sequence
+    g = sp.three_di_tokens(sp.load_structure(s, sequence=seq))
+    assert g[:4] == "####" and len(g) == len(seq) and "#" not in g[4:]
+
+
+def test_saprot_vocab_and_format(a05):
+    v = sp.SAPROT_VOCAB
+    assert len(v) == 446 and v[:5] == ["<cls>", "<pad>", "<eos>", "<unk>", "<mask>"]
+    assert v[5:8] == ["Ap", "Ay", "An"] and v[-1] == "##" and len(set(v)) == 446
+    s = sp.load_structure(a05, chain="A")
+    sa = sp.structure_to_saprot(s)
+    assert len(sa) == 2 * len(s)
+    assert sa[0::2] == s.sequence and sa[1::2] == sp.three_di_tokens(s)
+    assert all(sa[i : i + 2] in v for i in range(0, len(sa), 2))
+    assert sp.saprot_sequence("MKX", "dp#") == "MdKp##"
+    with pytest.raises(StructureError):
+        sp.saprot_sequence("MK", "d")
+
+
+def test_plddt_from_predicted_model_and_masking(a05, tmp_path):
+    lines = _pdb_lines(a05)
+    rng = np.random.default_rng(1)
+    out = []
+    for ln in lines:
+        if ln.startswith("ATOM") and ln[21] == "A":
+            res = int(ln[22:26])
+            b = 40.0 if res <= 20 else 90.0 + (res % 7)
+            out.append(ln[:60] + f"{b:6.2f}" + ln[66:])
+    p = tmp_path / "AF-P00000-F1-model_v4.pdb"
+    p.write_text("HEADER    ALPHAFOLD MODEL\n" + "\n".join(out) + "\n")
+    s = sp.load_structure(p)
+    assert s.plddt is not None and s.plddt.shape == (len(s),)
+    assert np.all(s.plddt[:20] == 40.0) and np.all(s.plddt[20:] >= 90)
+    sa = sp.structure_to_saprot(s)
+    assert sa[1:40:2] == "#" * 20 and "#" not in sa[41::2]
+    # the same file under a neutral name: no hint, so no pLDDT unless asked for
+    q = tmp_path / "model.pdb"
+    q.write_text("\n".join(out) + "\n")
+    assert sp.load_structure(q).plddt is None
+    assert sp.load_structure(q, is_predicted=True).plddt is not None
+    assert sp.load_structure(p, is_predicted=False).plddt is None
+    # experimental B-factors outside 0..100 are refused as pLDDT
+    del rng
+
+
+def test_all_low_plddt_falls_back_with_warning(a05):
+    s = sp.load_structure(a05, chain="A")
+    tdi = sp.three_di_tokens(s)
+    with pytest.warns(sp.StructureWarning, match="pLDDT"):
+        sa = sp.saprot_sequence(s.sequence, tdi, np.full(len(s), 30.0))
+    assert sa[1::2] == "#" * len(s) and sa[0::2] == s.sequence
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.saprot_sequence(s.sequence, tdi, np.full(len(s), 95.0))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _bad(path_or_bytes, match, **kw):
+    with pytest.raises(StructureError, match=match) as ei:
+        sp.load_structure(path_or_bytes, **kw)
+    return str(ei.value)
+
+
+def test_bad_inputs_raise_structure_error_naming_the_file(a05, tmp_path):
+    raw = a05.read_bytes()
+    text = gzip.decompress(raw)
+
+    def w(name, data):
+        p = tmp_path / name
+        p.write_bytes(data)
+        return p
+
+    _bad(w("empty.pdb", b""), r"empty\.pdb.*empty")
+    _bad(w("empty2.pdb.gz", gzip.compress(b"")), r"empty2\.pdb\.gz.*empty")
+    _bad(w("trunc.pdb.gz", raw[: len(raw) // 2]), r"trunc\.pdb\.gz.*truncated")
+    _bad(w("corrupt.pdb.gz", raw[:20] + bytes(200) + raw[220:]), r"corrupt\.pdb\.gz.*(corrupt|gzip)")
+    _bad(w("notgz.pdb.gz", text), r"notgz\.pdb\.gz.*not gzip")
+    _bad(w("random.pdb", np.random.default_rng(0).bytes(5000)), r"random\.pdb")
+    _bad(w("random.cif", np.random.default_rng(1).bytes(5000)), r"random\.cif")
+    _bad(w("random.bcif", np.random.default_rng(2).bytes(5000)), r"random\.bcif")
+    _bad(w("fasta.pdb", b">sp|P1\nMKTAYIAKQR\n"), r"fasta\.pdb.*no protein chain")
+    _bad(w("cut.pdb", text[: text.index(b"\n", 5000) + 40]), r"cut\.pdb.*truncated")
+    _bad(w("wrong.cif", text), r"wrong\.cif.*(wrong format|PDB)")
+    _bad(w("wrong.bcif", text), r"wrong\.bcif.*wrong format")
+    _bad(np.random.default_rng(3).bytes(300), r"<bytes>")
+    _bad(tmp_path / "missing.pdb", r"missing\.pdb.*not found")
+    _bad(tmp_path, r"directory")
+    # text that is not PDB under an unknown name
+    _bad(w("notes.txt", b"hello world\n"), r"notes\.txt.*format")
+    # a file whose only chain is DNA / ligands: no protein chain
+    dna = (
+        "ATOM      1  P    DA B   1      10.000  10.000  10.000  1.00 20.00           P\n"
+        "ATOM      2  C1'  DA B   1      11.000  10.000  10.000  1.00 20.00           C\n"
+        "HETATM    3  O   HOH W   1       1.000   1.000   1.000  1.00 20.00           O\n"
+    )
+    _bad(w("dna.pdb", dna.encode()), r"dna\.pdb.*no protein chain")
+    # non-numeric coordinates
+    bad_line = text.replace(b"  21.670  74.626", b"  21.6x0  74.626", 1)
+    _bad(w("nan.pdb", bad_line), r"nan\.pdb.*malformed")
+
+
+def test_missing_chain_lists_available(a05):
+    msg = _bad(a05, r"1A05\.pdb\.gz.*chain 'Z' not found", chain="Z")
+    assert "'A'" in msg and "'B'" in msg
+
+
+def test_nan_coordinates(a05):
+    s = sp.load_structure(a05, chain="A")
+    coords = s.coords.copy()
+    coords[:] = np.nan
+    with pytest.raises(StructureError, match="NaN"):
+        sp.load_structure({"coords": coords, "sequence": s.sequence})
+    coords = s.coords.copy()
+    coords[5] = np.nan
+    part = sp.load_structure({"coords": coords, "sequence": s.sequence})
+    assert not part.coord_mask[5] and part.coord_mask.sum() == len(s) - 1
+    assert sp.three_di_tokens(part)[5] == "#"
+    coords[7, 1, 0] = np.inf
+    with pytest.raises(StructureError, match="infinite"):
+        sp.load_structure({"coords": coords, "sequence": s.sequence})
+    with pytest.raises(StructureError, match="shape"):
+        sp.load_structure({"coords": s.coords[:-1], "sequence": s.sequence})
+    with pytest.raises(StructureError):
+        sp.load_structure(12345)
+
+
+def test_size_bound(monkeypatch, a05):
+    monkeypatch.setattr(sp, "MAX_STRUCTURE_FILE_BYTES", 1000)
+    _bad(a05, r"1A05\.pdb\.gz.*MAX_STRUCTURE_FILE_BYTES")
+    monkeypatch.setattr(sp, "MAX_STRUCTURE_FILE_BYTES", len(a05.read_bytes()) + 10)
+    _bad(a05, r"1A05\.pdb\.gz.*decompressed")  # gzip bomb guard
+
+
+def test_module_imports_only_numpy_and_stdlib(repo_root):
+    import ast
+
+    tree = ast.parse((repo_root / "structure_protllm.py").read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top.add(node.module.split(".")[0])
+    assert top <= {"__future__", "gzip", "io", "os", "re", "warnings", "zlib", "dataclasses", "typing", "numpy"}
