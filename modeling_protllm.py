@@ -1,0 +1,701 @@
+"""ProtLLM: a protein encoder projected into a causal LLM (LLaVA-shaped; STELLA and SEPIT).
+
+    protein tokens -> encoder (ESM-2 / SaProt, optional SEPIT structure bias) -> projector
+        -> features scattered into the LLM's input embeddings at the `<protein>` placeholders -> LLM
+
+Shapes used below: P proteins in the batch, T protein tokens (residues + <cls> + <eos>, padded),
+R = T - 2 residue positions, B text rows, S text length, D_p encoder width, D LLM width.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.esm.modeling_esm import EsmModel
+
+try:
+    from .configuration_protllm import ProtLLMConfig
+    from .moe_protllm import ProtLLMSparseMoeBlock, active_parameter_count, moe_blocks, upcycle_feed_forward_blocks
+except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
+    from configuration_protllm import ProtLLMConfig
+    from moe_protllm import ProtLLMSparseMoeBlock, active_parameter_count, moe_blocks, upcycle_feed_forward_blocks
+
+
+PROTEIN_INPUT_KEYS = (
+    "protein_input_ids",
+    "protein_attention_mask",
+    "protein_coords",
+    "protein_coord_mask",
+    "protein_embeds",
+    "protein_embeds_mask",
+)
+
+
+@dataclass
+class ProtLLMModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    router_logits (`tuple(torch.FloatTensor)`, *optional*): per MoE layer, `(B * S, num_experts)`.
+    protein_features (`torch.FloatTensor`, *optional*): projected protein tokens, `(num_protein_tokens, D)`.
+    """
+
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    protein_features: torch.FloatTensor | None = None
+
+
+@dataclass
+class ProtLLMCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+
+class ProtLLMGaussianKernels(nn.Module):
+    """A bank of learnable Gaussian basis functions over distances: `(...)` -> `(..., num_kernels)`."""
+
+    def __init__(self, num_kernels: int, max_distance: float = 24.0):
+        super().__init__()
+        self.num_kernels = num_kernels
+        self.max_distance = max_distance
+        self.means = nn.Parameter(torch.empty(num_kernels))
+        self.log_stds = nn.Parameter(torch.empty(num_kernels))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.means.copy_(torch.linspace(0.0, self.max_distance, self.num_kernels))
+            spacing = self.max_distance / max(self.num_kernels - 1, 1)
+            self.log_stds.fill_(math.log(max(spacing, 0.5)))
+
+    def forward(self, distances: torch.Tensor) -> torch.Tensor:
+        stds = self.log_stds.exp()
+        z = (distances.unsqueeze(-1) - self.means) / stds
+        return torch.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * stds)
+
+
+class ProtLLMStructureBias(nn.Module):
+    """SEPIT's structure module: pairwise CA distances -> Gaussian kernels -> 2-layer GELU MLP -> one additive
+    attention bias per head, plus the kernel features summed over each residue's neighbours, projected to the
+    encoder width and added to that residue's embedding (per residue, not per batch row as SEPIT's code does).
+
+    Residues without coordinates get no bias and no edge term. The L x L pair map is processed in chunks of
+    query rows (re-computed in backward), so memory beyond the bias itself is `chunk x L x num_kernels`.
+    """
+
+    def __init__(self, num_kernels: int, num_heads: int, hidden_size: int, embedding_scale: float, chunk_size: int):
+        super().__init__()
+        self.kernels = ProtLLMGaussianKernels(num_kernels)
+        self.pair_mlp = nn.Sequential(nn.Linear(num_kernels, num_kernels), nn.GELU(), nn.Linear(num_kernels, num_heads))
+        self.edge_proj = nn.Linear(num_kernels, hidden_size)
+        self.embedding_scale = embedding_scale
+        self.chunk_size = chunk_size
+        self.num_heads = num_heads
+
+    def _chunk(self, ca_rows, ca, mask_rows, mask):
+        distances = torch.cdist(ca_rows, ca)  # (P, c, T)
+        pair_mask = (mask_rows.unsqueeze(-1) & mask.unsqueeze(-2)).unsqueeze(-1)  # (P, c, T, 1)
+        features = self.kernels(distances) * pair_mask  # (P, c, T, K)
+        bias = self.pair_mlp(features) * pair_mask  # (P, c, T, H)
+        return bias.permute(0, 3, 1, 2), features.sum(dim=2)  # (P, H, c, T), (P, c, K)
+
+    def forward(self, ca_coords: torch.Tensor, coord_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ca_coords` `(P, T, 3)`, `coord_mask` `(P, T)` bool -> bias `(P, H, T, T)`, residue term `(P, T, D_p)`."""
+        ca_coords = torch.where(coord_mask.unsqueeze(-1), ca_coords, torch.zeros_like(ca_coords))
+        dtype = self.edge_proj.weight.dtype
+        ca_coords = ca_coords.to(dtype)
+        biases, edge_sums = [], []
+        for start in range(0, ca_coords.shape[1], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            args = (ca_coords[:, rows], ca_coords, coord_mask[:, rows], coord_mask)
+            if torch.is_grad_enabled() and self.training:
+                bias, edge_sum = checkpoint(self._chunk, *args, use_reentrant=False)
+            else:
+                bias, edge_sum = self._chunk(*args)
+            biases.append(bias)
+            edge_sums.append(edge_sum)
+        bias = torch.cat(biases, dim=2)
+        residue_term = self.edge_proj(torch.cat(edge_sums, dim=1)) * self.embedding_scale
+        residue_term = residue_term * coord_mask.unsqueeze(-1).to(residue_term.dtype)
+        return bias, residue_term
+
+
+class ProtLLMProteinEncoder(nn.Module):
+    """Protein encoder: transformers `EsmModel` (default) or fair-esm `ESM2`, plus the optional structure bias.
+
+    Returns the hidden state of `config.protein_feature_layer` at residue positions (no <cls>/<eos>).
+    A frozen encoder (`config.freeze_protein_encoder`) stays in eval mode whatever `.train()` says, so its
+    dropout never runs, and runs without autograd.
+    """
+
+    def __init__(self, config: ProtLLMConfig):
+        super().__init__()
+        self.config = config
+        protein_config = config.protein_config
+        self.backend = config.protein_encoder_backend
+        if self.backend == "esm":
+            self.esm = EsmModel(protein_config, add_pooling_layer=False)
+        else:
+            self.esm = build_fair_esm(protein_config)
+        self.structure_bias = None
+        if config.use_structure_bias:
+            self.structure_bias = ProtLLMStructureBias(
+                config.structure_num_kernels,
+                protein_config.num_attention_heads,
+                protein_config.hidden_size,
+                config.structure_embedding_scale,
+                config.structure_chunk_size,
+            )
+        self.set_frozen(config.freeze_protein_encoder)
+
+    def set_frozen(self, frozen: bool):
+        self.config.freeze_protein_encoder = frozen
+        for param in self.parameters():
+            param.requires_grad_(not frozen)
+        if frozen:
+            self.eval()
+
+    @property
+    def frozen(self) -> bool:
+        return self.config.freeze_protein_encoder
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.protein_config.num_hidden_layers
+
+    def forward(self, protein_input_ids, protein_attention_mask, protein_coords=None, protein_coord_mask=None):
+        """
+        protein_input_ids, protein_attention_mask: `(P, T)`, right-padded, each row `<cls> residues <eos> <pad>...`
+        protein_coords: `(P, R, 4, 3)` backbone N/CA/C/O per residue (NaN allowed where masked), optional
+        protein_coord_mask: `(P, R)` bool, True where the residue has coordinates
+        Returns `(P, R, D_p)` residue states and the `(P, R)` residue mask.
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.backend == "esm":
+                states = self._esm_forward(protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask)
+            else:
+                states = self._fair_esm_forward(protein_input_ids)
+        lengths = protein_attention_mask.sum(dim=1)  # tokens incl. <cls>, <eos>
+        positions = torch.arange(states.shape[1] - 2, device=states.device)
+        residue_mask = positions.unsqueeze(0) < (lengths - 2).unsqueeze(1)
+        return states[:, 1:-1], residue_mask
+
+    def _feature_layer_index(self) -> int:
+        layer = self.config.protein_feature_layer
+        return layer if layer >= 0 else self.num_layers + 1 + layer
+
+    def _esm_forward(self, input_ids, attention_mask, coords, coord_mask):
+        layer = self._feature_layer_index()
+        want_hidden = layer != self.num_layers
+        embeddings = self.esm.embeddings(input_ids=input_ids, attention_mask=attention_mask)
+        mask = attention_mask
+        if self.structure_bias is not None and coords is not None:
+            token_ca, token_mask = self._token_level_ca(coords, coord_mask, input_ids.shape[1])
+            if self.training and self.config.structure_dropout > 0:
+                keep = torch.rand(token_mask.shape[0], 1, device=token_mask.device) >= self.config.structure_dropout
+                token_mask = token_mask & keep
+            bias, residue_term = self.structure_bias(token_ca, token_mask)
+            embeddings = embeddings + residue_term.to(embeddings.dtype)
+            # A prepared 4D float mask is passed through by EsmModel unchanged: padding + per-head bias.
+            padding = (1.0 - attention_mask[:, None, None, :].to(bias.dtype)) * torch.finfo(bias.dtype).min
+            mask = (bias + padding).to(embeddings.dtype)
+        outputs = self.esm(inputs_embeds=embeddings, attention_mask=mask, output_hidden_states=want_hidden)
+        return outputs.hidden_states[layer] if want_hidden else outputs.last_hidden_state
+
+    @staticmethod
+    def _token_level_ca(coords, coord_mask, num_tokens):
+        """Residue-level `(P, R, 4, 3)` backbone -> token-level CA `(P, T, 3)` and mask (token t = residue t-1)."""
+        num_proteins, num_residues = coords.shape[:2]
+        residues = min(num_residues, num_tokens - 2)
+        ca = coords[:, :residues, 1]
+        mask = coord_mask[:, :residues].bool() & torch.isfinite(ca).all(dim=-1)
+        token_ca = ca.new_zeros(num_proteins, num_tokens, 3)
+        token_mask = torch.zeros(num_proteins, num_tokens, dtype=torch.bool, device=coords.device)
+        token_ca[:, 1 : 1 + residues] = torch.nan_to_num(ca)
+        token_mask[:, 1 : 1 + residues] = mask
+        return token_ca, token_mask
+
+    def _fair_esm_forward(self, input_ids):
+        layer = self._feature_layer_index()
+        return self.esm(input_ids, repr_layers=[layer])["representations"][layer]
+
+
+def build_fair_esm(protein_config):
+    """A fair-esm `ESM2` with the shape of `protein_config` (same alphabet and token ids as EsmTokenizer)."""
+    try:
+        from esm.data import Alphabet
+        from esm.model.esm2 import ESM2
+    except ImportError as error:
+        raise ImportError("protein_encoder_backend='fair-esm' needs the fair-esm package: pip install fair-esm") from error
+    return ESM2(
+        num_layers=protein_config.num_hidden_layers,
+        embed_dim=protein_config.hidden_size,
+        attention_heads=protein_config.num_attention_heads,
+        alphabet=Alphabet.from_architecture("ESM-1b"),
+        token_dropout=protein_config.token_dropout,
+    )
+
+
+class ProtLLMLinearProjector(nn.Module):
+    """STELLA's connector: one linear layer, `(..., D_p)` -> `(..., D)`."""
+
+    def __init__(self, config: ProtLLMConfig):
+        super().__init__()
+        self.linear = nn.Linear(config.protein_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, residue_states, residue_mask):
+        return self.linear(residue_states), residue_mask
+
+
+class ProtLLMMLPProjector(nn.Module):
+    """SEPIT / LLaVA projector: Linear -> GELU -> Linear, `(..., D_p)` -> `(..., D)`."""
+
+    def __init__(self, config: ProtLLMConfig):
+        super().__init__()
+        hidden = config.projector_hidden_size or config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.protein_config.hidden_size, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, config.text_config.hidden_size)
+
+    def forward(self, residue_states, residue_mask):
+        return self.linear_2(self.act(self.linear_1(residue_states))), residue_mask
+
+
+class ProtLLMResampler(nn.Module):
+    """`num_query_tokens` learned queries cross-attend to the residues: `(P, R, D_p)` -> `(P, Q, D)`, so a protein
+    costs the LLM a fixed number of tokens whatever its length."""
+
+    def __init__(self, config: ProtLLMConfig):
+        super().__init__()
+        width = config.projector_hidden_size or config.protein_config.hidden_size
+        self.queries = nn.Parameter(torch.empty(config.num_query_tokens, width))
+        self.input_proj = nn.Linear(config.protein_config.hidden_size, width)
+        self.norm_queries = nn.LayerNorm(width)
+        self.norm_residues = nn.LayerNorm(width)
+        self.cross_attention = nn.MultiheadAttention(width, config.resampler_num_heads, batch_first=True)
+        self.norm_ffn = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.output_proj = nn.Linear(width, config.text_config.hidden_size)
+        nn.init.normal_(self.queries, std=0.02)
+
+    def forward(self, residue_states, residue_mask):
+        residues = self.norm_residues(self.input_proj(residue_states))
+        queries = self.norm_queries(self.queries).unsqueeze(0).expand(residues.shape[0], -1, -1)
+        attended, _ = self.cross_attention(queries, residues, residues, key_padding_mask=~residue_mask, need_weights=False)
+        hidden = queries + attended
+        hidden = hidden + self.ffn(self.norm_ffn(hidden))
+        out_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return self.output_proj(hidden), out_mask
+
+
+PROJECTOR_CLASSES = {"linear": ProtLLMLinearProjector, "mlp2x_gelu": ProtLLMMLPProjector, "resampler": ProtLLMResampler}
+
+
+class ProtLLMPreTrainedModel(PreTrainedModel):
+    config_class = ProtLLMConfig
+    config: ProtLLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("text",)
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["ProtLLMProteinEncoder"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # Rebuild what the generic initialiser does not know (meta-device init leaves it uninitialised).
+        if isinstance(module, ProtLLMGaussianKernels):
+            module.reset_parameters()
+        elif isinstance(module, ProtLLMResampler):
+            nn.init.normal_(module.queries, std=0.02)
+
+
+class ProtLLMModel(ProtLLMPreTrainedModel):
+    """Protein encoder + projector + LLM backbone, without the LM head."""
+
+    def __init__(self, config: ProtLLMConfig):
+        super().__init__(config)
+        self.protein_encoder = ProtLLMProteinEncoder(config)
+        self.projector = PROJECTOR_CLASSES[config.projector_type](config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        if config.moe_num_experts:
+            self._upcycle(config)
+        self.post_init()
+
+    def _upcycle(self, config):
+        upcycle_feed_forward_blocks(
+            self.language_model,
+            config.text_config.hidden_size,
+            config.moe_num_experts,
+            config.moe_top_k,
+            config.moe_capacity_factor,
+            config.moe_eval_capacity_factor,
+        )
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_protein_features(
+        self,
+        protein_input_ids=None,
+        protein_attention_mask=None,
+        protein_coords=None,
+        protein_coord_mask=None,
+        protein_embeds=None,
+        protein_embeds_mask=None,
+    ) -> torch.Tensor:
+        """Projected protein tokens for every protein, concatenated in order: `(sum_i n_i, D)`.
+
+        Either token ids (`(P, T)`, encoder run here) or precomputed encoder residue states `protein_embeds`
+        `(P, R, D_p)` with `protein_embeds_mask` `(P, R)` (the frozen-encoder feature cache).
+        """
+        if protein_embeds is not None:
+            residue_states = protein_embeds
+            residue_mask = protein_embeds_mask.bool() if protein_embeds_mask is not None else torch.ones(
+                protein_embeds.shape[:2], dtype=torch.bool, device=protein_embeds.device
+            )
+        else:
+            if protein_attention_mask is None:
+                protein_attention_mask = torch.ones_like(protein_input_ids)
+            residue_states, residue_mask = self.protein_encoder(
+                protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask
+            )
+        projector_dtype = next(self.projector.parameters()).dtype
+        features, feature_mask = self.projector(residue_states.to(projector_dtype), residue_mask)
+        return features[feature_mask]
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, protein_features):
+        """`(B, S, 1)` mask of `<protein>` placeholder positions; their count must equal the protein tokens."""
+        if input_ids is None:
+            placeholder = self.get_input_embeddings()(
+                torch.tensor(self.config.protein_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == placeholder).all(-1)
+        else:
+            mask = input_ids == self.config.protein_token_id
+        num_placeholders = int(mask.sum())
+        if num_placeholders != protein_features.shape[0]:
+            raise ValueError(
+                f"Protein features and <protein> placeholder tokens do not match: {num_placeholders} placeholders in "
+                f"the text, {protein_features.shape[0]} protein tokens from the projector. Build inputs with "
+                "ProtLLMProcessor (it expands each placeholder to the projector's token count) and do not truncate "
+                "through a protein span."
+            )
+        return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        protein_input_ids=None,
+        protein_attention_mask=None,
+        protein_coords=None,
+        protein_coord_mask=None,
+        protein_embeds=None,
+        protein_embeds_mask=None,
+        use_cache=None,
+        output_router_logits=None,
+        **kwargs,
+    ) -> ProtLLMModelOutputWithPast:
+        """
+        input_ids `(B, S)` with `<protein>` placeholders; protein inputs as in `get_protein_features`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        protein_features = None
+        if protein_input_ids is not None or protein_embeds is not None:
+            protein_features = self.get_protein_features(
+                protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask,
+                protein_embeds, protein_embeds_mask,
+            )
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, protein_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, protein_features.to(inputs_embeds.dtype))
+        elif input_ids is not None and self.config.protein_token_id is not None:
+            num_placeholders = int((input_ids == self.config.protein_token_id).sum())
+            if num_placeholders:
+                raise ValueError(f"input_ids hold {num_placeholders} <protein> placeholder tokens but no protein inputs were given")
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        router_logits = None
+        if self.config.moe_num_experts:
+            if output_router_logits is None:
+                output_router_logits = getattr(self.config.text_config, "output_router_logits", False)
+            if output_router_logits:
+                router_logits = tuple(block.last_router_logits for block in moe_blocks(self.language_model))
+        return ProtLLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=router_logits,
+            protein_features=protein_features,
+        )
+
+
+class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
+    """ProtLLM with the LLM's LM head: answers questions about proteins. See `ProtLLMProcessor` for inputs."""
+
+    def __init__(self, config: ProtLLMConfig):
+        super().__init__(config)
+        self.model = ProtLLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # The tied source is the LLM's own embedding, whose name depends on the family (embed_tokens, wte...).
+        embedding = self.model.get_input_embeddings()
+        embedding_name = next(name for name, module in self.named_modules() if module is embedding)
+        self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        protein_input_ids=None,
+        protein_attention_mask=None,
+        protein_coords=None,
+        protein_coord_mask=None,
+        protein_embeds=None,
+        protein_embeds_mask=None,
+        use_cache=None,
+        output_router_logits=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ProtLLMCausalLMOutputWithPast:
+        """`labels` `(B, S)`: next-token targets, -100 where ignored (prompt, protein tokens, padding)."""
+        if output_router_logits is None and self.config.moe_num_experts:
+            output_router_logits = getattr(self.config.text_config, "output_router_logits", False)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            protein_input_ids=protein_input_ids,
+            protein_attention_mask=protein_attention_mask,
+            protein_coords=protein_coords,
+            protein_coord_mask=protein_coord_mask,
+            protein_embeds=protein_embeds,
+            protein_embeds_mask=protein_embeds_mask,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        if outputs.router_logits is not None:
+            aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask)
+            if loss is not None:
+                loss = loss + self.config.moe_router_aux_loss_coef * aux_loss.to(loss.device)
+        return ProtLLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            aux_loss=aux_loss,
+        )
+
+    def router_aux_loss(self, router_logits, attention_mask=None):
+        """Switch/Mixtral load-balancing loss, the same function TRL's fused SFT path applies."""
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        return load_balancing_loss_func(router_logits, self.config.moe_num_experts, self.config.moe_top_k, attention_mask)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # Protein inputs are consumed by the prefill; the cached decode steps have no placeholders.
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in PROTEIN_INPUT_KEYS:
+                model_inputs.pop(key, None)
+        return model_inputs
+
+    # ----- building and converting ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained_components(
+        cls,
+        language_model: str,
+        protein_encoder: str | None = None,
+        protein_config=None,
+        processor_kwargs: dict | None = None,
+        dtype=None,
+        **config_kwargs,
+    ):
+        """Build a ProtLLM from a pretrained causal LLM and a pretrained protein encoder (Hub names or local paths).
+
+        `protein_encoder`: an ESM-2 / SaProt checkpoint (transformers format; fair-esm names such as
+        `esm2_t33_650M_UR50D` with `protein_encoder_backend="fair-esm"`), or None for a randomly initialised
+        encoder of shape `protein_config`. The `<protein>` and protein-boundary tokens are added to the LLM
+        tokenizer and the embeddings resized (new rows initialised to the mean embedding).
+
+        Returns `(model, processor)`.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            from .processing_protllm import ProtLLMProcessor, build_protein_tokenizer
+        except ImportError:
+            from processing_protllm import ProtLLMProcessor, build_protein_tokenizer
+
+        backend = config_kwargs.get("protein_encoder_backend", "esm")
+        encoder_input = config_kwargs.get("protein_encoder_input", "sequence")
+        llm_kwargs = {"gguf_file": config_kwargs.pop("gguf_file")} if "gguf_file" in config_kwargs else {}
+        llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=dtype, **llm_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(language_model, **llm_kwargs)
+
+        encoder_module = None
+        if protein_encoder is not None and backend == "fair-esm":
+            encoder_module, protein_config = _load_fair_esm(protein_encoder)
+            protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
+        elif protein_encoder is not None:
+            protein_config = AutoConfig.from_pretrained(protein_encoder)
+            encoder_module = EsmModel.from_pretrained(protein_encoder, add_pooling_layer=False, dtype=dtype)
+            protein_tokenizer = AutoTokenizer.from_pretrained(protein_encoder)
+        else:
+            protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
+
+        processor = ProtLLMProcessor.from_tokenizers(tokenizer, protein_tokenizer, **(processor_kwargs or {}))
+        if len(processor.tokenizer) > llm.config.vocab_size:
+            llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
+
+        config = ProtLLMConfig(
+            protein_config=protein_config,
+            text_config=llm.config,
+            protein_token_id=processor.protein_token_id,
+            **config_kwargs,
+        )
+        processor.num_query_tokens = config.num_query_tokens if config.projector_type == "resampler" else None
+        processor.max_protein_length = config.max_protein_length
+        processor.protein_encoder_input = config.protein_encoder_input
+        model = cls(config)
+        model.model.language_model.load_state_dict(llm.model.state_dict() if hasattr(llm, "model") else llm.base_model.state_dict())
+        if not config.tie_word_embeddings:
+            model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+        if encoder_module is not None:
+            model.model.protein_encoder.esm.load_state_dict(encoder_module.state_dict(), strict=False)
+        model.model.protein_encoder.set_frozen(config.freeze_protein_encoder)
+        if dtype is not None:
+            model = model.to(dtype)
+        model.tie_weights()
+        return model, processor
+
+    # ----- MoE -------------------------------------------------------------------------------------------
+
+    def upcycle_to_moe(self, num_experts: int = 4, top_k: int = 1, capacity_factor: float = 1.25,
+                       eval_capacity_factor: float | None = 2.0, router_aux_loss_coef: float = 0.01):
+        """SEPIT stage 2: every LLM feed-forward block becomes `num_experts` copies of itself behind a router."""
+        if self.config.moe_num_experts:
+            raise ValueError("this ProtLLM is already a mixture of experts")
+        self.config.moe_num_experts = num_experts
+        self.config.moe_top_k = top_k
+        self.config.moe_capacity_factor = capacity_factor
+        self.config.moe_eval_capacity_factor = eval_capacity_factor
+        self.config.moe_router_aux_loss_coef = router_aux_loss_coef
+        self.config.validate()
+        self.config._mirror_moe_settings_to_text_config()
+        self.model._upcycle(self.config)
+        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        for block in moe_blocks(self):
+            nn.init.normal_(block.router.weight, std=self.config.text_config.initializer_range)
+            block.router.to(device=device, dtype=dtype)
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and per-token active parameters, per part."""
+        encoder = sum(p.numel() for p in self.model.protein_encoder.parameters())
+        projector = sum(p.numel() for p in self.model.projector.parameters())
+        llm_total = sum(p.numel() for p in self.model.language_model.parameters())
+        head = 0 if self.config.tie_word_embeddings else self.lm_head.weight.numel()
+        llm_active = active_parameter_count(self.model.language_model)
+        return {
+            "protein_encoder": encoder,
+            "projector": projector,
+            "language_model": llm_total + head,
+            "language_model_active_per_token": llm_active + head,
+            "total": encoder + projector + llm_total + head,
+        }
+
+
+def _load_fair_esm(name_or_path: str):
+    """A pretrained fair-esm ESM2 (hub name such as `esm2_t33_650M_UR50D` or a local .pt) and its EsmConfig."""
+    try:
+        import esm
+    except ImportError as error:
+        raise ImportError("protein_encoder_backend='fair-esm' needs the fair-esm package: pip install fair-esm") from error
+    from transformers import EsmConfig
+
+    if name_or_path.endswith(".pt"):
+        module, _ = esm.pretrained.load_model_and_alphabet_local(name_or_path)
+    else:
+        module, _ = esm.pretrained.load_model_and_alphabet_hub(name_or_path)
+    config = EsmConfig(
+        vocab_size=33,
+        hidden_size=module.embed_dim,
+        num_hidden_layers=module.num_layers,
+        num_attention_heads=module.attention_heads,
+        intermediate_size=4 * module.embed_dim,
+        position_embedding_type="rotary",
+        token_dropout=module.token_dropout,
+        pad_token_id=1,
+        mask_token_id=32,
+    )
+    return module, config
+
+
+__all__ = [
+    "ProtLLMPreTrainedModel",
+    "ProtLLMModel",
+    "ProtLLMForConditionalGeneration",
+    "ProtLLMProteinEncoder",
+    "ProtLLMStructureBias",
+    "ProtLLMSparseMoeBlock",
+]

@@ -1,0 +1,442 @@
+"""ProtLLMProcessor: the LLM tokenizer, the protein tokenizer and the structure featuriser behind one call.
+
+Text carries one `<protein>` placeholder per protein. The processor expands each placeholder to
+`<|protein_start|>` + n x `<protein>` + `<|protein_end|>`, where n is the number of tokens the model's
+projector emits for that protein (its residue count, or `num_query_tokens` for a resampler), and tokenizes
+the proteins (amino acids, or SaProt amino-acid + 3Di tokens) with padding.
+
+Residue policy (ESM alphabet): the 20 standard amino acids plus B, Z, U, O, X are kept; lower case is upper-cased;
+white space and a terminal `*` are removed; anything else (digits, punctuation, other letters such as J) is an
+error naming the protein and position. An empty sequence is an error. A sequence longer than
+`max_protein_length` is cropped to its first `max_protein_length` residues with a warning
+(`protein_overflow="crop"`) or refused (`protein_overflow="error"`).
+"""
+
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+from transformers import AutoTokenizer, EsmTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+try:
+    from .structure_protllm import SAPROT_VOCAB, StructureError, load_structure, saprot_sequence, three_di_tokens
+except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
+    from structure_protllm import SAPROT_VOCAB, StructureError, load_structure, saprot_sequence, three_di_tokens
+
+PROTEIN_TOKEN = "<protein>"
+PROTEIN_START_TOKEN = "<|protein_start|>"
+PROTEIN_END_TOKEN = "<|protein_end|>"
+
+# fair-esm / HF ESM-2 alphabet, in id order.
+ESM_VOCAB = [
+    "<cls>", "<pad>", "<eos>", "<unk>",
+    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
+    "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
+]
+VALID_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYBZUOX")
+_WHITESPACE = re.compile(r"\s+")
+
+
+class ProteinInputError(ValueError):
+    """A protein input the processor cannot use; the message names the protein (and residue) at fault."""
+
+
+def build_protein_tokenizer(kind: str = "esm") -> EsmTokenizer:
+    """An ESM-2 (`"esm"`, 33 tokens) or SaProt (`"saprot"`, 446 amino-acid x 3Di tokens) tokenizer, built offline."""
+    if kind == "esm":
+        vocab = ESM_VOCAB
+    elif kind == "saprot":
+        vocab = SAPROT_VOCAB
+    else:
+        raise ValueError(f"unknown protein tokenizer kind {kind!r}; expected 'esm' or 'saprot'")
+    with tempfile.TemporaryDirectory() as directory:
+        vocab_file = os.path.join(directory, "vocab.txt")
+        with open(vocab_file, "w") as handle:
+            handle.write("\n".join(vocab) + "\n")
+        return EsmTokenizer(vocab_file=vocab_file)
+
+
+def clean_sequence(sequence, protein_index: int) -> str:
+    """Apply the residue policy of this module; raise ProteinInputError naming the protein and position."""
+    if not isinstance(sequence, str):
+        raise ProteinInputError(f"protein {protein_index}: sequence must be a string, got {type(sequence).__name__}")
+    cleaned = _WHITESPACE.sub("", sequence).upper()
+    if cleaned.endswith("*"):
+        cleaned = cleaned[:-1]
+    if not cleaned:
+        raise ProteinInputError(f"protein {protein_index}: empty sequence")
+    for position, residue in enumerate(cleaned):
+        if residue not in VALID_RESIDUES:
+            raise ProteinInputError(
+                f"protein {protein_index}: invalid residue {residue!r} at position {position + 1} "
+                f"(allowed: 20 amino acids and B, Z, U, O, X)"
+            )
+    return cleaned
+
+
+class ProtLLMProcessor(ProcessorMixin):
+    r"""
+    Constructs a ProtLLM processor from an LLM tokenizer and a protein tokenizer (EsmTokenizer).
+
+    Args:
+        tokenizer: the LLM tokenizer (any fast tokenizer with a chat template); must know the protein tokens
+            (use `ProtLLMProcessor.from_tokenizers`, which adds them).
+        protein_tokenizer: an `EsmTokenizer` (ESM-2 or SaProt vocabulary).
+        chat_template (`str`, *optional*): a Jinja template; defaults to the LLM tokenizer's own.
+        num_query_tokens (`int`, *optional*): protein tokens per protein for a resampler projector; None means
+            one token per residue.
+        max_protein_length (`int`): residues per protein.
+        protein_overflow (`"crop"` or `"error"`): what to do with longer proteins.
+        protein_encoder_input (`"sequence"` or `"saprot"`): tokenize amino acids, or SaProt amino acid + 3Di.
+        plddt_threshold (`float`): SaProt input masks the 3Di token of residues below this pLDDT.
+        padding_side (`"left"` or `"right"`): text padding; left (the default) is what batched generation needs.
+    """
+
+    def __init__(
+        self,
+        tokenizer=None,
+        protein_tokenizer=None,
+        chat_template=None,
+        num_query_tokens: int | None = None,
+        max_protein_length: int = 1024,
+        protein_overflow: str = "crop",
+        protein_encoder_input: str = "sequence",
+        plddt_threshold: float = 70.0,
+        padding_side: str = "left",
+        **kwargs,
+    ):
+        if protein_overflow not in ("crop", "error"):
+            raise ValueError(f"protein_overflow must be 'crop' or 'error', got {protein_overflow!r}")
+        if protein_encoder_input not in ("sequence", "saprot"):
+            raise ValueError(f"protein_encoder_input must be 'sequence' or 'saprot', got {protein_encoder_input!r}")
+        self.num_query_tokens = num_query_tokens
+        self.max_protein_length = max_protein_length
+        self.protein_overflow = protein_overflow
+        self.protein_encoder_input = protein_encoder_input
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.plddt_threshold = plddt_threshold
+        self.padding_side = padding_side
+        super().__init__(tokenizer, protein_tokenizer, chat_template=chat_template)
+        self.tokenizer.padding_side = padding_side
+        missing = [t for t in (PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN) if t not in self.tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"the LLM tokenizer lacks the protein tokens {missing}; build with ProtLLMProcessor.from_tokenizers")
+
+    @classmethod
+    def from_tokenizers(cls, tokenizer, protein_tokenizer=None, **kwargs):
+        """Add the protein tokens to an LLM tokenizer (name, path or object) and build the processor."""
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if protein_tokenizer is None:
+            protein_tokenizer = build_protein_tokenizer(kwargs.get("protein_encoder_input", "sequence") == "saprot" and "saprot" or "esm")
+        elif isinstance(protein_tokenizer, (str, os.PathLike)):
+            protein_tokenizer = AutoTokenizer.from_pretrained(protein_tokenizer)
+        tokenizer.add_tokens([PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN], special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(tokenizer, protein_tokenizer, **kwargs)
+
+    @property
+    def protein_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(PROTEIN_TOKEN)
+
+    @property
+    def protein_start_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(PROTEIN_START_TOKEN)
+
+    @property
+    def protein_end_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(PROTEIN_END_TOKEN)
+
+    @property
+    def model_input_names(self):
+        return [
+            "input_ids", "attention_mask", "protein_input_ids", "protein_attention_mask",
+            "protein_coords", "protein_coord_mask",
+        ]
+
+    # ----- proteins --------------------------------------------------------------------------------------
+
+    def prepare_protein(self, protein, protein_index: int) -> dict:
+        """One protein spec -> {"sequence", "tokens" (string for the protein tokenizer), "structure" or None}.
+
+        `protein`: a sequence string; a dict with `sequence` and/or `structure` (path, bytes, ProteinStructure or
+        coordinate dict) and optional `chain`; or a `ProteinStructure`.
+        """
+        if isinstance(protein, str):
+            protein = {"sequence": protein}
+        elif not isinstance(protein, dict):
+            if hasattr(protein, "coords") and hasattr(protein, "sequence"):
+                protein = {"sequence": protein.sequence, "structure": protein}
+            else:
+                raise ProteinInputError(f"protein {protein_index}: expected a sequence string or a dict, got {type(protein).__name__}")
+        sequence, source = protein.get("sequence"), protein.get("structure")
+        if sequence is None and source is None:
+            raise ProteinInputError(f"protein {protein_index}: give a sequence, a structure, or both")
+        structure = None
+        if source is not None:
+            structure = self._load_structure(source, protein.get("chain"), None if sequence is None else clean_sequence(sequence, protein_index), protein_index)
+            sequence = structure.sequence
+        sequence = clean_sequence(sequence, protein_index)
+        if len(sequence) > self.max_protein_length:
+            if self.protein_overflow == "error":
+                raise ProteinInputError(
+                    f"protein {protein_index}: {len(sequence)} residues exceed max_protein_length={self.max_protein_length}"
+                )
+            warnings.warn(
+                f"protein {protein_index}: {len(sequence)} residues cropped to max_protein_length={self.max_protein_length}",
+                stacklevel=3,
+            )
+            sequence = sequence[: self.max_protein_length]
+            if structure is not None:
+                structure = structure.crop(0, self.max_protein_length)
+        tokens = sequence
+        if self.protein_encoder_input == "saprot":
+            tokens = self._saprot_tokens(sequence, structure)
+        return {"sequence": sequence, "tokens": tokens, "structure": structure}
+
+    def _load_structure(self, source, chain, sequence, protein_index):
+        try:
+            return load_structure(source, chain=chain, sequence=sequence)
+        except StructureError as error:
+            raise ProteinInputError(f"protein {protein_index}: {error}") from error
+
+    def _saprot_tokens(self, sequence, structure) -> str:
+        if structure is None:
+            return "".join(residue + "#" for residue in sequence)
+        return saprot_sequence(sequence, three_di_tokens(structure), structure.plddt, self.plddt_threshold)
+
+    def num_protein_tokens(self, sequence: str) -> int:
+        """LLM tokens the projector emits for one protein."""
+        return self.num_query_tokens if self.num_query_tokens else len(sequence)
+
+    def _protein_tensors(self, prepared: list[dict]) -> dict:
+        encoded = self.protein_tokenizer(
+            [p["tokens"] for p in prepared], padding=True, return_attention_mask=True, add_special_tokens=True
+        )
+        data = {"protein_input_ids": encoded["input_ids"], "protein_attention_mask": encoded["attention_mask"]}
+        if any(p["structure"] is not None for p in prepared):
+            longest = max(len(p["sequence"]) for p in prepared)
+            coords = np.zeros((len(prepared), longest, 4, 3), dtype=np.float32)
+            mask = np.zeros((len(prepared), longest), dtype=bool)
+            for i, p in enumerate(prepared):
+                if p["structure"] is not None:
+                    length = len(p["structure"])
+                    coords[i, :length] = np.nan_to_num(p["structure"].coords)
+                    mask[i, :length] = p["structure"].coord_mask
+            data["protein_coords"] = coords
+            data["protein_coord_mask"] = mask
+        return data
+
+    # ----- text ------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text=None,
+        proteins=None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        return_tensors=None,
+        add_special_tokens: bool = True,
+        assistant_char_spans=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenize text with `<protein>` placeholders and the proteins they stand for.
+
+        text: a string or a list of strings. proteins: for one string, a list of protein specs (see
+        `prepare_protein`); for a list of strings, one such list per string (None or [] where a text has none).
+        Returns `input_ids`, `attention_mask` `(B, S)`, `protein_input_ids`, `protein_attention_mask` `(P, T)` and,
+        when any protein has a structure, `protein_coords` `(P, R, 4, 3)` and `protein_coord_mask` `(P, R)`.
+        """
+        if text is None:
+            raise ValueError("ProtLLMProcessor needs `text` (use '<protein>' where each protein goes)")
+        batched = not isinstance(text, str)
+        texts = list(text) if batched else [text]
+        if proteins is None:
+            per_text = [[] for _ in texts]
+        elif batched:
+            per_text = [list(p) if p else [] for p in proteins]
+        else:
+            per_text = [list(proteins)]
+        if len(per_text) != len(texts):
+            raise ProteinInputError(f"got {len(texts)} texts but protein lists for {len(per_text)}")
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("every text must be a string")
+
+        prepared, rows, masks = [], [], []
+        protein_index = 0
+        for text_index, sample in enumerate(texts):
+            encoded = self.tokenizer(
+                sample,
+                add_special_tokens=add_special_tokens,
+                return_offsets_mapping=assistant_char_spans is not None,
+            )
+            ids = encoded["input_ids"]
+            count = ids.count(self.protein_token_id)
+            if count != len(per_text[text_index]):
+                raise ProteinInputError(
+                    f"text {text_index} has {count} '{PROTEIN_TOKEN}' placeholders but {len(per_text[text_index])} proteins were given"
+                )
+            char_mask = None
+            if assistant_char_spans is not None:
+                spans = assistant_char_spans[text_index]
+                char_mask = [int(any(start <= s < end for start, end in spans)) for s, _ in encoded["offset_mapping"]]
+            sample_proteins = []
+            for protein in per_text[text_index]:
+                sample_proteins.append(self.prepare_protein(protein, protein_index))
+                protein_index += 1
+            expanded, expanded_mask = self._expand_placeholders(ids, char_mask, sample_proteins)
+            prepared.extend(sample_proteins)
+            rows.append(expanded)
+            masks.append(expanded_mask)
+
+        data = self._pad(rows, masks if assistant_char_spans is not None else None, padding, padding_side)
+        if prepared:
+            data.update(self._protein_tensors(prepared))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _expand_placeholders(self, ids, char_mask, proteins):
+        expanded, expanded_mask, next_protein = [], [], 0
+        for position, token in enumerate(ids):
+            flag = char_mask[position] if char_mask is not None else 0
+            if token == self.protein_token_id:
+                n = self.num_protein_tokens(proteins[next_protein]["sequence"])
+                next_protein += 1
+                span = [self.protein_start_token_id] + [self.protein_token_id] * n + [self.protein_end_token_id]
+                expanded.extend(span)
+                expanded_mask.extend([0] * len(span))
+            else:
+                expanded.append(token)
+                expanded_mask.append(flag)
+        return expanded, expanded_mask
+
+    def _pad(self, rows, assistant_masks, padding, padding_side):
+        side = padding_side or self.padding_side
+        if len(rows) > 1 and not padding and len({len(r) for r in rows}) > 1:
+            raise ValueError("texts of different lengths need padding=True to be batched")
+        longest = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id
+        data = {"input_ids": [], "attention_mask": []}
+        if assistant_masks is not None:
+            data["assistant_masks"] = []
+        for i, row in enumerate(rows):
+            gap = longest - len(row)
+            pad, ones = [pad_id] * gap, [1] * len(row)
+            zeros = [0] * gap
+            if side == "left":
+                data["input_ids"].append(pad + row)
+                data["attention_mask"].append(zeros + ones)
+                if assistant_masks is not None:
+                    data["assistant_masks"].append(zeros + assistant_masks[i])
+            else:
+                data["input_ids"].append(row + pad)
+                data["attention_mask"].append(ones + zeros)
+                if assistant_masks is not None:
+                    data["assistant_masks"].append(assistant_masks[i] + zeros)
+        return data
+
+    # ----- chat ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def split_messages(messages):
+        """Chat messages with content blocks -> (messages with string content, proteins in order).
+
+        A `{"type": "protein", "sequence": ..., "structure": ..., "chain": ...}` block becomes a `<protein>`
+        placeholder; blocks of a message are joined by newlines. String contents pass unchanged.
+        """
+        text_messages, proteins = [], []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str) or content is None:
+                text_messages.append(dict(message))
+                continue
+            pieces = []
+            for block in content:
+                kind = block.get("type")
+                if kind == "protein":
+                    proteins.append({k: block.get(k) for k in ("sequence", "structure", "chain") if block.get(k) is not None})
+                    pieces.append(PROTEIN_TOKEN)
+                elif kind == "text":
+                    pieces.append(block.get("text") or "")
+                else:
+                    raise ValueError(f"unsupported content block type {kind!r} (expected 'protein' or 'text')")
+            text_messages.append({**message, "content": "\n".join(pieces)})
+        return text_messages, proteins
+
+    def _render(self, messages, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template, **kwargs)
+
+    def assistant_char_spans(self, messages) -> list[tuple[int, int]]:
+        """Character spans of each assistant turn (its content and end-of-turn marker) in the rendered chat."""
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self._render(messages[:index], add_generation_prompt=True) if index else ""
+            upto = self._render(messages[: index + 1])
+            if not upto.startswith(prefix):
+                raise ValueError("the chat template does not render conversations prefix-consistently; cannot mask assistant turns")
+            spans.append((len(prefix), len(upto)))
+        return spans
+
+    def apply_chat_template(
+        self,
+        conversation,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors=None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        return_assistant_tokens_mask: bool = False,
+        continue_final_message: bool = False,
+        **kwargs,
+    ):
+        """Render (and optionally tokenize) one conversation or a batch of them.
+
+        With `tokenize=False` returns the rendered string(s) with one `<protein>` per protein. With
+        `tokenize=True` and `return_dict=True` returns what `__call__` returns (plus `assistant_masks` when
+        `return_assistant_tokens_mask=True`: 1 on assistant answer tokens, the only ones training learns from).
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        rendered, proteins, spans = [], [], []
+        for messages in conversations:
+            text_messages, conversation_proteins = self.split_messages(messages)
+            rendered.append(
+                self._render(
+                    text_messages,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    **kwargs,
+                )
+            )
+            proteins.append(conversation_proteins)
+            if return_assistant_tokens_mask:
+                spans.append(self.assistant_char_spans(text_messages))
+        if not tokenize:
+            return rendered if batched else rendered[0]
+        out = self(
+            text=rendered,
+            proteins=proteins,
+            padding=padding,
+            padding_side=padding_side,
+            return_tensors=return_tensors,
+            add_special_tokens=False,  # the chat template already holds BOS where the model wants one
+            assistant_char_spans=spans if return_assistant_tokens_mask else None,
+        )
+        return out if return_dict else out["input_ids"]
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["ProtLLMProcessor", "ProteinInputError", "build_protein_tokenizer", "clean_sequence"]
