@@ -1,0 +1,241 @@
+"""Build a protein instruction DatasetDict from real sources.
+
+    OMP_NUM_THREADS=1 python -m data.build --out outputs/protllm_data \\
+        --yeast ../shared/data/function/yeast_function.jsonl \\
+        --clean ../shared/data/ec/clean_split10.jsonl --clean-test ../shared/data/ec/new392.jsonl \\
+        --go ../shared/data/go/fapm_val.jsonl --split given
+
+Inputs (any number of each): --yeast, --clean (EC train), --clean-test (EC, assigned to test),
+--go, --swissprot (.dat/.dat.gz), --uniprot-tsv, --uniprot-json, --fasta, --instructions
+(Alpaca/OPI JSON/JSONL, already instructions), --sepit (conversation JSONL; --sepit-coords DIR).
+Splits: ``given`` (the inputs' own split field; CLEAN=train, New-392=test), ``cluster`` (MMseqs2,
+--min-seq-id/--coverage, then --purge moves held-out proteins above the threshold to train),
+``temporal`` (--cutoff YYYY-MM-DD on the entry date). Output: save_to_disk folder (written to a
+temp dir and renamed) with README.md dataset card and build_summary.json; --push-to-hub REPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from . import readers
+from .builders import TASKS, BuildStats, build_records, ec_class_labels, go_mf_labels, validate_proteins
+from .card import make_card, push_to_hub, save_atomic, to_dataset_dict
+from .mmseqs import mmseqs_version
+from .splits import cluster_split, identity_report, purge_leakage, temporal_split
+
+SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
+
+SOURCE_TASKS = {
+    "yeast": ("function_text", "function_mcqa", "protein_name", "ec_number", "reaction", "yes_no"),
+    "clean": ("ec_number", "reaction", "yes_no"),
+    "clean_test": ("ec_number", "reaction", "yes_no"),
+    "go": ("go_terms", "yes_no"),
+    "swissprot": TASKS,
+    "uniprot_tsv": TASKS,
+    "uniprot_json": TASKS,
+    "fasta": ("protein_name",),
+}
+
+LICENCES = {
+    "yeast": "UniProt UP000002311 + SGD descriptions, CC BY 4.0",
+    "clean": "CLEAN benchmark (research use); ENZYME CC BY 4.0",
+    "clean_test": "CLEAN New-392 (research use); ENZYME CC BY 4.0",
+    "go": "UniProt/GO, CC BY 4.0",
+    "swissprot": "UniProtKB/Swiss-Prot, CC BY 4.0",
+    "uniprot_tsv": "UniProtKB, CC BY 4.0",
+    "uniprot_json": "UniProtKB, CC BY 4.0",
+    "fasta": "see source",
+    "instructions": "see source",
+    "sepit": "see source",
+}
+
+
+def _yes_no_labels(p: dict) -> set[str]:
+    return ec_class_labels(p) | go_mf_labels(p)
+
+
+def load_sources(args, stats: BuildStats) -> list[tuple[str, str, list[dict]]]:
+    """[(kind, path, validated proteins)]."""
+    out = []
+    spec = [("yeast", args.yeast, readers.read_yeast_function), ("clean", args.clean, readers.read_clean_ec),
+            ("clean_test", args.clean_test, readers.read_clean_ec), ("go", args.go, readers.read_go_jsonl),
+            ("swissprot", args.swissprot, readers.read_swissprot_dat),
+            ("uniprot_tsv", args.uniprot_tsv, readers.read_uniprot_tsv),
+            ("uniprot_json", args.uniprot_json, readers.read_uniprot_json), ("fasta", args.fasta, readers.read_fasta)]
+    index = None
+    if args.structures_dir or args.structure_map:
+        index = readers.structure_index(args.structures_dir, args.structure_map)
+    for kind, paths, fn in spec:
+        for path in paths or []:
+            s = BuildStats()
+            it = fn(path, s)
+            if index is not None:
+                it = readers.attach_structures(it, index, s)
+            prots = []
+            for p in it:
+                p["source"] = p.get("source") or kind
+                if kind == "clean":
+                    p["split"] = p.get("split") or "train"
+                if kind == "clean_test":
+                    p["split"] = "test"
+                if p.get("split"):
+                    p["split"] = SPLIT_ALIASES.get(p["split"], p["split"])
+                if kind == "yeast" and re.search(r"unknown function", p.get("description") or "", re.I):
+                    s.add("function_unknown_text")
+                    if args.drop_unknown_function:
+                        s.add("dropped_unknown_function")
+                        p["description"] = None
+                prots.append(p)
+            prots = validate_proteins(prots, s, max_length=args.max_length, crop=args.crop)
+            stats.merge(BuildStats())
+            for k, v in s.counts.items():
+                stats.add(f"{kind}:{k}", n=v)
+            out.append((kind, str(path), prots))
+    return out
+
+
+def assign_splits(args, sources, stats: BuildStats) -> tuple[dict[str, str], str, dict | None]:
+    seqs: dict[str, str] = {}
+    given: dict[str, str] = {}
+    for kind, _, prots in sources:
+        for p in prots:
+            if p["accession"] in seqs:
+                stats.add("accession_in_several_sources", p["accession"])
+            seqs.setdefault(p["accession"], p["sequence"])
+            if p.get("split"):
+                if p["accession"] in given and given[p["accession"]] != p["split"]:
+                    stats.add("conflicting_given_split", p["accession"])
+                    if p["split"] == "train":
+                        given[p["accession"]] = "train"
+                    continue
+                given[p["accession"]] = p["split"]
+    plist = [{"accession": a, "sequence": s} for a, s in seqs.items()]
+    if args.split == "given":
+        assign = {a: given.get(a, "train") for a in seqs}
+        for a in seqs:
+            if a not in given:
+                stats.add("no_given_split_assigned_train", a)
+        method = ("Splits as given by the sources (yeast: its MMseqs2 30%/50% split; CLEAN split10 = train; "
+                  "New-392 = test; GO: its own split). Accessions in several sources with conflicting splits go to train.")
+    elif args.split == "cluster":
+        fr = {"train": 1 - args.valid_frac - args.test_frac, "validation": args.valid_frac, "test": args.test_frac}
+        assign, clusters = cluster_split(plist, fr, seed=args.seed, min_seq_id=args.min_seq_id,
+                                         coverage=args.coverage, threads=args.threads)
+        method = (f"MMseqs2 easy-cluster --min-seq-id {args.min_seq_id} -c {args.coverage} --cov-mode 0 "
+                  f"({len(set(clusters.values()))} clusters); whole clusters to splits {fr}, seed {args.seed}.")
+        if args.purge:
+            assign, moved = purge_leakage(plist, assign, threshold=args.min_seq_id, threads=args.threads)
+            for s, n in moved.items():
+                stats.add(f"moved_to_train_identity>{args.min_seq_id}:{s}", n=n)
+            method += f" Held-out proteins with a train hit above {args.min_seq_id} identity moved to train: {moved}."
+    else:
+        dates = {}
+        for _, _, prots in sources:
+            for p in prots:
+                dates.setdefault(p["accession"], p.get("date"))
+        assign = temporal_split([{"accession": a, "date": dates.get(a)} for a in seqs], args.cutoff)
+        stats.add("undated", n=sum(v == "undated" for v in assign.values()))
+        method = f"Temporal: entry date < {args.cutoff} -> train, later -> test; undated proteins kept as split 'undated'."
+    ident = None
+    if args.identity_report:
+        tr = {a: seqs[a] for a, s in assign.items() if s == "train"}
+        te = {a: seqs[a] for a, s in assign.items() if s == "test"}
+        ident = identity_report(tr, te, threshold=args.min_seq_id, threads=args.threads)
+    return assign, method, ident
+
+
+def build(args) -> dict:
+    t0 = time.time()
+    stats = BuildStats()
+    sources = load_sources(args, stats)
+    assign, method, ident = assign_splits(args, sources, stats)
+    records: dict[str, list[dict]] = {}
+    wanted = set(args.tasks.split(",")) if args.tasks else None
+    for kind, path, prots in sources:
+        tasks = [t for t in SOURCE_TASKS[kind] if wanted is None or t in wanted]
+        by_split: dict[str, list[dict]] = {}
+        for p in prots:
+            by_split.setdefault(assign[p["accession"]], []).append(p)
+        for split, ps in sorted(by_split.items()):
+            rows = build_records(ps, split, tasks, seed=args.seed, source=kind, stats=stats,
+                                 mcqa_permutations=args.mcqa_permutations, yes_no_label_fn=_yes_no_labels)
+            records.setdefault(split, []).extend(rows)
+    for path in args.instructions or []:
+        for r in readers.read_instruction_file(path, stats):
+            records.setdefault(r["split"], []).append(r)
+    for path in args.sepit or []:
+        for r in readers.read_sepit_jsonl(path, args.sepit_coords, stats):
+            records.setdefault(r["split"], []).append(r)
+    dd = to_dataset_dict(records)
+    summary = {"rows": {s: len(d) for s, d in dd.items()}, "stats": stats.as_dict(), "split_method": method,
+               "seconds": round(time.time() - t0, 2), "seed": args.seed}
+    try:
+        summary["mmseqs_version"] = mmseqs_version()
+    except Exception as e:  # version only matters for the card when mmseqs was used
+        summary["mmseqs_version"] = f"unavailable ({e.__class__.__name__})"
+    if ident:
+        summary["identity"] = {k: v for k, v in ident.items() if k != "per_protein"}
+    srcs = [{"name": f"{k}: {Path(p).name}", "version": "", "licence": LICENCES.get(k, "")} for k, p, _ in sources]
+    srcs += [{"name": f"instructions: {Path(p).name}", "licence": "see source"} for p in args.instructions or []]
+    srcs += [{"name": f"sepit: {Path(p).name}", "licence": "see source"} for p in args.sepit or []]
+    card = make_card(dd, pretty_name=args.name, sources=srcs, split_method=method,
+                     mmseqs_version=summary["mmseqs_version"], summary=stats.as_dict(), identity=ident,
+                     command="python -m data.build " + " ".join(sys.argv[1:]) if args.record_command else None,
+                     licence=args.licence)
+    if args.out:
+        save_atomic(dd, args.out, {"README.md": str(card),
+                                   "build_summary.json": json.dumps(summary, indent=1, sort_keys=True) + "\n"})
+        if args.push_to_hub:
+            push_to_hub(args.out, args.push_to_hub, private=not args.public)
+    summary["_dataset"] = dd
+    summary["_card"] = card
+    return summary
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for k in ("yeast", "clean", "clean-test", "go", "swissprot", "uniprot-tsv", "uniprot-json", "fasta",
+              "instructions", "sepit"):
+        ap.add_argument(f"--{k}", action="append", type=Path)
+    ap.add_argument("--sepit-coords", type=Path)
+    ap.add_argument("--structures-dir", type=Path, help="directory of AF-<acc>-F1-model_v*.pdb|cif")
+    ap.add_argument("--structure-map", type=Path, help="TSV accession<TAB>path[<TAB>chain]")
+    ap.add_argument("--tasks", help=f"comma list from {','.join(TASKS)} (default: all a source supports)")
+    ap.add_argument("--split", choices=("given", "cluster", "temporal"), default="given")
+    ap.add_argument("--min-seq-id", type=float, default=0.3)
+    ap.add_argument("--coverage", type=float, default=0.5)
+    ap.add_argument("--valid-frac", type=float, default=0.1)
+    ap.add_argument("--test-frac", type=float, default=0.1)
+    ap.add_argument("--purge", action="store_true", help="after clustering, move held-out proteins above --min-seq-id to train")
+    ap.add_argument("--cutoff", default="2022-01-01")
+    ap.add_argument("--identity-report", action="store_true", help="MMseqs2 max identity of each test protein to train")
+    ap.add_argument("--mcqa-permutations", type=int, default=1, choices=(1, 4))
+    ap.add_argument("--max-length", type=int)
+    ap.add_argument("--crop", action="store_true")
+    ap.add_argument("--drop-unknown-function", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="ProtLLM protein instructions")
+    ap.add_argument("--licence", default="cc-by-4.0")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--push-to-hub", metavar="REPO_ID")
+    ap.add_argument("--public", action="store_true")
+    ap.add_argument("--no-record-command", dest="record_command", action="store_false")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    summary = build(args)
+    print(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
