@@ -18,7 +18,6 @@ source (file name or ``'<bytes>'``), and where relevant the chain and residue.
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import re
@@ -365,6 +364,11 @@ def _is_record(u: np.ndarray, word: bytes) -> np.ndarray:
     return m
 
 
+_WANTED_ATOM_CODES = np.array(
+    [np.frombuffer(f"{v:<4}".encode(), dtype="<u4")[0] for a in _BACKBONE + ("CB",) for v in (f" {a}", a)], dtype="<u4"
+)
+
+
 def _atoms_from_pdb_text(data: bytes, name: str) -> dict:
     if b"\x00" in data[:65536]:
         raise StructureError(f"{name}: binary data where a text PDB file was expected (wrong format or corrupt file)")
@@ -375,9 +379,14 @@ def _atoms_from_pdb_text(data: bytes, name: str) -> dict:
     lines = np.array(data.split(b"\n"), dtype="S80")
     u = lines.view(np.uint8).reshape(len(lines), 80)
     u = u[_is_record(u, b"ATOM  ") | _is_record(u, b"HETATM")]
+    if len(u) == 0:
+        return {}
+    # only the atoms the featuriser uses (N, CA, C, O, CB; usual or left-justified names): halves the work
+    names = np.ascontiguousarray(u[:, 12:16]).view("<u4").reshape(len(u))
+    u = u[np.isin(names, _WANTED_ATOM_CODES)]
     n = len(u)
     if n == 0:
-        return {}
+        return {"xyz": np.zeros((0, 3))}
     u[u == 0] = 32
     u[u == 13] = 32
 
@@ -588,31 +597,38 @@ def _chains_from_atoms(atoms: dict, name: str) -> list[_Chain]:
     bfac = np.where(np.isnan(bca), b_first, bca).astype(np.float32)
     res_names = _as_str(atoms["res"][starts])
     het = atoms["het"][starts]
-    chains_r = _as_str(atoms["chain"][starts]).tolist()
-    resids = [f"{s}{i}" for s, i in zip(atoms["seq"][starts].tolist(), _as_str(atoms["icode"][starts]).tolist())]
+    chains_r = _as_str(atoms["chain"][starts])
     has_ca = ~np.isnan(coords[:, 1, 0])
     has_bb = has_ca & ~np.isnan(coords[:, 0, 0]) & ~np.isnan(coords[:, 2, 0])
-    letters = []
-    keep_r = np.zeros(R, dtype=bool)
-    for r, rn in enumerate(res_names.tolist()):
-        letter = _letter_for_name(rn)
-        if letter is None:
-            if not has_bb[r]:
-                letters.append("")
-                continue
-            letter = "X"
-        elif het[r] and not has_ca[r]:
-            letters.append("")
-            continue
-        letters.append(letter)
-        keep_r[r] = True
-    out: dict[str, list[int]] = {}
-    for r in np.nonzero(keep_r)[0].tolist():
-        out.setdefault(chains_r[r], []).append(r)
+    uniq_names, inv = np.unique(res_names, return_inverse=True)
+    uniq_letters = [_letter_for_name(str(rn)) for rn in uniq_names.tolist()]
+    is_aa = np.array([x is not None for x in uniq_letters], dtype=bool)[inv]
+    letter_codes = np.frombuffer("".join(x or "X" for x in uniq_letters).encode("ascii"), dtype=np.uint8)[inv]
+    # Polymer residues: ATOM amino acids; HETATM amino acids (MSE, SEP, ...) and unknown components with a
+    # full backbone only when peptide-bonded (C(i-1)-N(i) or C(i)-N(i+1) < 2 A) to a neighbour in the same
+    # chain, so that free amino-acid ligands (a HETATM GLU substrate) and other hetero groups stay out.
+    same_prev = np.zeros(R, dtype=bool)
+    same_prev[1:] = chains_r[1:] == chains_r[:-1]
+    d_prev = np.full(R, np.inf)
+    with np.errstate(invalid="ignore"):
+        d_prev[1:] = np.linalg.norm(coords[1:, 0] - coords[:-1, 2], axis=1)
+    link_prev = same_prev & (d_prev < 2.0)
+    link_next = np.zeros(R, dtype=bool)
+    link_next[:-1] = link_prev[1:]
+    linked = link_prev | link_next
+    keep_r = np.where(is_aa, has_ca & (~het | linked) | (~het & ~has_ca), has_bb & (~het | linked))
+    seq_r = atoms["seq"][starts]
+    icode_r = _as_str(atoms["icode"][starts])
+    resids = np.char.add(seq_r.astype(str), icode_r)
     chains = []
-    for cid, rows in out.items():
-        rows_a = np.asarray(rows)
-        chains.append(_Chain(str(cid), "".join(letters[r] for r in rows), coords[rows_a, :4], coords[rows_a, 4], bfac[rows_a], [resids[r] for r in rows]))
+    kept = np.nonzero(keep_r)[0]
+    if len(kept) == 0:
+        return chains
+    chain_of = chains_r[kept]
+    uniq_c, first_idx = np.unique(chain_of, return_index=True)
+    for cid in uniq_c[np.argsort(first_idx)].tolist():
+        rows_a = kept[chain_of == cid]
+        chains.append(_Chain(str(cid), letter_codes[rows_a].tobytes().decode("ascii"), coords[rows_a, :4], coords[rows_a, 4], bfac[rows_a], resids[rows_a]))
     return chains
 
 
@@ -699,7 +715,7 @@ def _numbering_fast_path(chain: _Chain, seq: str) -> np.ndarray | None:
     if pos0 < 0 or seq.find(first, pos0 + 1) >= 0:
         return None
     try:
-        nums = np.array([int(r) for r in chain.resids])  # fails on insertion codes -> DP
+        nums = np.asarray(chain.resids).astype(np.int64)  # fails on insertion codes -> DP
     except ValueError:
         return None
     idx = nums - nums[0] + pos0
@@ -796,7 +812,7 @@ def _from_chain(chain: _Chain, name: str, sequence: str | None, is_predicted, hi
         mask = _backbone_mask(coords)
         if not mask.any():
             raise StructureError(f"{name}: chain {chain.chain_id!r}: no residue has N, CA and C coordinates (NaN or absent coordinates)")
-        return ProteinStructure(chain.letters, coords, mask, plddt_chain, chain.chain_id, name, chain.cb, list(chain.resids))
+        return ProteinStructure(chain.letters, coords, mask, plddt_chain, chain.chain_id, name, chain.cb, np.asarray(chain.resids).tolist())
     seq = _clean_sequence(sequence, name)
     mapping, identity, coverage = _map_chain(chain, seq)
     if identity < MIN_ALIGNMENT_IDENTITY or coverage < MIN_ALIGNMENT_COVERAGE:
@@ -821,9 +837,10 @@ def _scatter(chain: _Chain, name: str, seq: str, mapping: np.ndarray, plddt_chai
     if plddt_chain is not None:
         plddt = np.full(L, np.nan, dtype=np.float32)
         plddt[dst] = plddt_chain[src]
-    resids = [""] * L
-    for s, d in zip(src.tolist(), dst.tolist()):
-        resids[d] = chain.resids[s]
+    chain_resids = np.asarray(chain.resids, dtype=str)
+    resids_arr = np.full(L, "", dtype=chain_resids.dtype if len(chain_resids) else "U1")
+    resids_arr[dst] = chain_resids[src]
+    resids = resids_arr.tolist()
     mask = _backbone_mask(coords)
     if not mask.any():
         raise StructureError(f"{name}: chain {chain.chain_id!r}: no residue aligned to the sequence has N, CA and C coordinates")
@@ -980,6 +997,36 @@ def _three_di_encoder():
     return _ENCODER[0]
 
 
+_3DI_LOWER = np.frombuffer(b"acdefghiklmnpqrstvwyx", dtype=np.uint8)  # mini3di/Foldseek 3Di alphabet, lowercased
+
+
+def _fast_3di(enc, ca: np.ndarray, cb: np.ndarray, n: np.ndarray, c: np.ndarray) -> str:
+    """mini3di's ``Encoder.encode_atoms`` + ``build_sequence`` without numpy.ma, for residues that all have
+    N, CA and C (the caller compresses away the rest). Same arithmetic and the same result (checked in
+    the tests against the public mini3di path); ~5x faster because masked-array bookkeeping dominated."""
+    fe = enc.feature_encoder
+    vce = fe.vc_encoder
+    nan_cb = np.isnan(cb)
+    if nan_cb.any():
+        cb_approx = vce._approximate_cb_position(ca, n, c)
+        cb_approx[~nan_cb] = cb[~nan_cb]
+        cb = cb_approx
+    vc = vce._compute_virtual_center(ca, cb, n)
+    # closest partner by virtual-centre distance (first and last residue never partners, never self)
+    # argmin_j |v_i - v_j|^2 = argmin_j (|v_j|^2 - 2 v_i.v_j): the row term |v_i|^2 cannot change the argmin
+    r = np.sum(vc * vc, axis=-1)
+    r[0] = r[-1] = np.inf
+    D = vc @ vc.T
+    D *= -2.0
+    D += r[None, :]
+    D[np.diag_indices_from(D)] = np.inf
+    partner = D.argmin(axis=1)  # rows 0 and n-1 are unused (no descriptor at the ends)
+    desc = fe._calc_conformation_descriptors(ca, partner)
+    states = np.asarray(enc.vae_encoder(desc), dtype=np.int64)
+    states[0] = states[-1] = enc._INVALID_STATE  # ends lack a full descriptor (Foldseek: 'D')
+    return _3DI_LOWER[states].tobytes().decode("ascii")
+
+
 def three_di_tokens(structure: ProteinStructure) -> str:
     """Foldseek 3Di letters (lowercase, as SaProt uses them), one per residue; ``'#'`` where the residue
     lacks N, CA or C coordinates.
@@ -993,21 +1040,26 @@ def three_di_tokens(structure: ProteinStructure) -> str:
     L = len(structure)
     coords = structure.coords
     usable = _backbone_mask(coords)
-    out = np.full(L, "#", dtype="<U1")
     idx = np.nonzero(usable)[0]
     if len(idx) == 0:
-        return "".join(out)
+        return "#" * L
     enc = _three_di_encoder()
     x = coords[idx].astype(np.float64)
     cb = structure.cb[idx].astype(np.float64) if structure.cb is not None else np.full((len(idx), 3), np.nan)
     try:
         with np.errstate(all="ignore"):
-            states = enc.encode_atoms(ca=x[:, 1], cb=cb, n=x[:, 0], c=x[:, 2])
-            letters = enc.build_sequence(states)
+            try:
+                letters = _fast_3di(enc, ca=x[:, 1], cb=cb, n=x[:, 0], c=x[:, 2])
+            except AttributeError:  # a mini3di release without the internals used below
+                letters = enc.build_sequence(enc.encode_atoms(ca=x[:, 1], cb=cb, n=x[:, 0], c=x[:, 2]))
     except Exception as exc:
         raise StructureError(f"{structure.source}: chain {structure.chain_id!r}: 3Di encoding failed: {type(exc).__name__}: {exc}") from None
-    out[idx] = list(letters.lower())
-    return "".join(out)
+    letters = letters.lower()
+    if len(idx) == L:
+        return letters
+    out = np.full(L, ord("#"), dtype=np.uint8)
+    out[idx] = np.frombuffer(letters.encode("ascii"), dtype=np.uint8)
+    return out.tobytes().decode("ascii")
 
 
 def saprot_sequence(sequence: str, three_di: str, plddt: np.ndarray | None = None, plddt_threshold: float = 70.0) -> str:

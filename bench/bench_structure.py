@@ -102,9 +102,8 @@ def main() -> None:
     _, peak_file = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     print(f"\npeak traced memory, featurising a 1000-residue chain (coords -> 3Di + SaProt): {peak / 2**20:.1f} MiB")
-    print(f"peak traced memory, parse+align {pdb_id}-{chain} ({len(longest['sequence'])} residues, file of "
-          f"{sum(1 for _ in [0])} model): {peak_file / 2**20:.1f} MiB")
-
+    print(f"peak traced memory, parse + align {pdb_id}-{chain} from its file ({len(longest['sequence'])} residues): "
+          f"{peak_file / 2**20:.1f} MiB")
 
 if __name__ == "__main__":
     main()

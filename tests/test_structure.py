@@ -391,3 +391,36 @@ def test_module_imports_only_numpy_and_stdlib(repo_root):
         elif isinstance(node, ast.ImportFrom) and node.module:
             top.add(node.module.split(".")[0])
     assert top <= {"__future__", "gzip", "io", "os", "re", "warnings", "zlib", "dataclasses", "typing", "numpy"}
+
+
+def test_free_amino_acid_ligand_is_not_part_of_the_chain(a05, tmp_path):
+    lines = [ln for ln in _pdb_lines(a05) if ln.startswith("ATOM")]
+    lig = [
+        "HETATM90001  N   GLU A 901      30.000  30.000  30.000  1.00 20.00           N",
+        "HETATM90002  CA  GLU A 901      31.400  30.000  30.000  1.00 20.00           C",
+        "HETATM90003  C   GLU A 901      32.000  31.300  30.000  1.00 20.00           C",
+        "HETATM90004  O   HOH A 902      10.000  10.000  10.000  1.00 20.00           O",
+    ]
+    p = tmp_path / "lig.pdb"
+    p.write_text("\n".join(lines + lig) + "\n")
+    assert sp.parse_structure_chains(p) == sp.parse_structure_chains(a05)
+
+
+def test_mmcif_without_gemmi_uses_biotite(a05, tmp_path, monkeypatch):
+    pytest.importorskip("biotite")
+    import sys
+
+    import biotite.structure.io.pdb as pdb
+    import biotite.structure.io.pdbx as pdbx
+
+    with gzip.open(a05, "rt") as fh:
+        atoms = pdb.PDBFile.read(fh).get_structure(model=1, extra_fields=["b_factor"])
+    f = pdbx.CIFFile()
+    pdbx.set_structure(f, atoms)
+    path = tmp_path / "x.cif"
+    f.write(str(path))
+    with_gemmi = sp.load_structure(path, chain="A")
+    monkeypatch.setitem(sys.modules, "gemmi", None)  # import gemmi -> ImportError
+    without = sp.load_structure(path, chain="A")
+    assert without.sequence == with_gemmi.sequence
+    np.testing.assert_array_equal(without.coords, with_gemmi.coords)
