@@ -424,3 +424,15 @@ def test_mmcif_without_gemmi_uses_biotite(a05, tmp_path, monkeypatch):
     without = sp.load_structure(path, chain="A")
     assert without.sequence == with_gemmi.sequence
     np.testing.assert_array_equal(without.coords, with_gemmi.coords)
+
+
+def test_fast_3di_matches_public_mini3di(csa):
+    mini3di = pytest.importorskip("mini3di")
+    enc = mini3di.Encoder()
+    for f in sorted(csa.glob("*.pdb.gz"))[:5]:
+        for ch in sp.parse_structure_chains(f):
+            s = sp.load_structure(f, chain=ch)
+            m = s.coord_mask
+            x = s.coords[m].astype(np.float64)
+            ref = enc.build_sequence(enc.encode_atoms(ca=x[:, 1], cb=s.cb[m].astype(np.float64), n=x[:, 0], c=x[:, 2]))
+            assert sp.three_di_tokens(s).replace("#", "") == ref.lower()
