@@ -340,7 +340,7 @@ def function_mcqa(
             text = tpl.format(options="\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(opts)))
             suffix = f"#p{k}" if permutations > 1 else ""
             out.append(make_record(
-                id=_rid(p, "function_mcqa", suffix), task="function_mcqa", source=source, split=split, protein=p,
+                id=_rid(p, "function_mcqa", suffix), task="function_mcqa", source=p.get("source") or source, split=split, protein=p,
                 instruction=text, answer=letter,
                 meta={"options": opts, "correct": letter, "correct_text": correct, "group": p["accession"],
                       "permutation": k, "n_permutations": len(positions)}))
@@ -404,7 +404,7 @@ def yes_no(
             for prot, ans in ((p, "yes"), (neg, "no")):
                 tpl = pick_template("yes_no", seed, f"{p['accession']}|{lab}|{ans}")
                 out.append(make_record(
-                    id=f"{prot['accession']}|yes_no|{lab}|{ans}|{p['accession']}", task="yes_no", source=source,
+                    id=f"{prot['accession']}|yes_no|{lab}|{ans}|{p['accession']}", task="yes_no", source=prot.get("source") or source,
                     split=split, protein=prot, instruction=tpl.format(label=lab), answer=ans,
                     meta={"label": lab, "answer": ans, "positive_of": p["accession"]}))
     return out
