@@ -100,7 +100,7 @@ def _row_id(row, n: int) -> str:
 
 
 def _from_dataset_row(row, n) -> dict:
-    msgs = row.get("messages") or []
+    msgs = [m for m in (row.get("messages") or []) if isinstance(m, dict)]
     question_parts, proteins_in_msgs, answer = [], [], None
     for msg in msgs:
         content = msg.get("content")
@@ -113,7 +113,7 @@ def _from_dataset_row(row, n) -> dict:
                 elif block.get("type") == "protein":
                     proteins_in_msgs.append({"sequence": block.get("sequence"), "structure": block.get("structure")})
         elif msg.get("role") == "assistant" and answer is None:
-            answer = " ".join(b.get("text", "") for b in (content or []) if b.get("type") == "text")
+            answer = " ".join(str(b.get("text") or "") for b in content if b.get("type") == "text").strip() or None
     proteins = [
         {"sequence": p.get("sequence"), "structure": p.get("structure"), "accession": p.get("accession")}
         for p in (row.get("proteins") or proteins_in_msgs)

@@ -323,7 +323,7 @@ def write_report(out_dir, results: dict, examples_by_task: dict, predictions: di
             if png:
                 lines += ["", f"![{task} by identity]({png.name})"]
             lines.append("")
-        exs = examples_by_task[task][:n_examples_shown]
+        exs = _pick_examples(examples_by_task[task], (identities or {}).get(task, {}), n_examples_shown)
         if exs:
             lines += ["### Examples", "", "| id | identity | reference | " + " | ".join(preds) + " |",
                       "|---|---|---|" + "---|" * len(preds)]
@@ -337,6 +337,17 @@ def write_report(out_dir, results: dict, examples_by_task: dict, predictions: di
     payload = {"header": header, "tasks": results}
     (out / "metrics.json").write_text(json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
     return payload
+
+
+def _pick_examples(exs, ident, k):
+    """``k`` examples spread over the identity range (highest first), else the first ``k``."""
+    if not ident or k <= 0:
+        return exs[:k]
+    order = sorted(exs, key=lambda e: -(ident.get(e["id"]) or 0.0))
+    if len(order) <= k:
+        return order
+    step = (len(order) - 1) / max(k - 1, 1)
+    return [order[round(i * step)] for i in range(k)]
 
 
 def _clean(x):

@@ -360,7 +360,7 @@ def text_metrics(
 # EC numbers
 
 # 4-field EC numbers; the last fields may be '-' (incomplete) or 'nN' (preliminary, e.g. 3.5.1.n3)
-EC_RE = re.compile(r"(?<![\d.])(\d{1,2})\.(\d{1,2}|-)\.(\d{1,3}|-)\.(n?\d{1,4}|-)(?![\d])")
+EC_RE = re.compile(r"(?<![\d.])(\d{1,2})\.(\d{1,2}|-)\.(\d{1,3}|-)\.(n?\d{1,4}|-)(?!\.?\d)")
 
 
 def parse_ec(text) -> list[str]:
@@ -509,7 +509,7 @@ def parse_choice(text, n_options: int = 4, options: Sequence[str] | None = None)
     Order of rules (first that fires wins):
     1. explicit statements: "answer is (B)", "Answer: B", "option B", "choice B", "correct ... is B";
        the LAST such statement counts (models often restate after reasoning);
-    2. the answer starts with a letter token: "B", "(B)", "B)", "B.", "B:", "[B]";
+    2. the answer starts with a letter token: "B", "(B)", "B)", "B.", "B:", "[B]" (not "A protein");
     3. exactly one distinct stand-alone letter in parentheses/brackets, e.g. "... (C) ...";
     4. exactly one option text (``options``) appears in the answer (case-insensitive);
     otherwise ``None``. Letters are limited to the first ``n_options``.
@@ -518,23 +518,25 @@ def parse_choice(text, n_options: int = 4, options: Sequence[str] | None = None)
     if not s:
         return None
     valid = LETTERS[:n_options]
-    L = f"[{valid}{valid.lower()}]"
+    up, low = f"[{valid}]", f"[{valid.lower()}]"
     explicit = re.compile(
-        rf"(?:answer(?:\s+is)?|option|choice|correct(?:\s+\w+){{0,3}}\s+is)\s*[:\-]?\s*[\(\[]?({L})[\)\]]?(?![A-Za-z])",
-        re.IGNORECASE,
+        r"(?i:answer(?:\s+is)?|option|choice|correct(?:\s+\w+){0,3}\s+is)\s*[:\-]?\s*"
+        rf"(?:[\(\[]({up}|{low})[\)\]]|({up})(?![A-Za-z])|({low})(?=[\.\):,;]|\s*$))"
     )
-    hits = explicit.findall(s)
+    hits = [next(g for g in m.groups() if g) for m in explicit.finditer(s)]
     if hits:
         return hits[-1].upper()
-    m = re.match(rf"^[\(\[]?({L})(?:[\)\]\.:,]|\s*$|\s)", s)
-    if m and (m.group(1).isupper() or len(s) <= 3):
+    m = re.match(rf"^[\(\[]?({up})(?:[\)\]\.:,]|\s*$)", s) or re.match(rf"^[\(\[]({low})[\)\]]", s) \
+        or re.match(rf"^({low})\s*$", s)
+    if m:
         return m.group(1).upper()
-    paren = {x.upper() for x in re.findall(rf"[\(\[]({L})[\)\]]", s)}
+    paren = {x.upper() for x in re.findall(rf"[\(\[]({up}|{low})[\)\]]", s)}
     if len(paren) == 1:
         return paren.pop()
     if options:
-        low = s.lower()
-        found = [LETTERS[i] for i, o in enumerate(options[:n_options]) if as_text(o).strip() and as_text(o).strip().lower() in low]
+        lowered = s.lower()
+        found = [LETTERS[i] for i, o in enumerate(options[:n_options])
+                 if as_text(o).strip() and as_text(o).strip().lower() in lowered]
         if len(found) == 1:
             return found[0]
     return None
