@@ -100,7 +100,9 @@ class ProtLLMStructureBias(nn.Module):
         self.num_heads = num_heads
 
     def _chunk(self, ca_rows, ca, mask_rows, mask):
-        distances = torch.cdist(ca_rows, ca)  # (P, c, T)
+        # Exact differences, not cdist's default |a|^2+|b|^2-2ab matrix product: that one is off by ~0.05 A at d=0
+        # for PDB-scale coordinates (|x| ~ 100 A) and by ~0.35 A after a 500 A translation (bias not translation-invariant).
+        distances = torch.cdist(ca_rows, ca, compute_mode="donot_use_mm_for_euclid_dist")  # (P, c, T)
         pair_mask = (mask_rows.unsqueeze(-1) & mask.unsqueeze(-2)).unsqueeze(-1)  # (P, c, T, 1)
         features = self.kernels(distances) * pair_mask  # (P, c, T, K)
         bias = self.pair_mlp(features) * pair_mask  # (P, c, T, H)
