@@ -208,7 +208,8 @@ class ProtLLMProcessor(ProcessorMixin):
 
     def _saprot_tokens(self, sequence, structure) -> str:
         if structure is None:
-            return "".join(residue + "#" for residue in sequence)
+            # via saprot_sequence so X/B/Z/U/O become "#" as with a structure ("X#" is not a SaProt token: <unk>)
+            return saprot_sequence(sequence, "#" * len(sequence))
         return saprot_sequence(sequence, three_di_tokens(structure), structure.plddt, self.plddt_threshold)
 
     def num_protein_tokens(self, sequence: str) -> int:
