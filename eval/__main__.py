@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split of --train to use (default: 'train' when --train is the same file as --data)")
     ap.add_argument("--holdout", type=float, default=None,
                     help="no separate training file: split --data itself, this fraction to test (seeded by id hash)")
+    ap.add_argument("--holdout_by", choices=["id", "cluster"], default="id",
+                    help="--holdout unit: each example (id hash) or each MMseqs2 cluster (30%% identity, 50%% coverage)")
     ap.add_argument("--seed", type=int, default=0, help="seed for --holdout, bootstrap, shuffling and sampling")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--limit", type=int, default=None, help="first N examples per task")
@@ -88,8 +90,16 @@ def main(argv=None) -> int:
     train = None
     if args.holdout:
         allx = load_examples(args.data, args.task, split=args.split, stats=data_stats)
-        train, examples = holdout_split(allx, args.holdout, args.seed)
-        notes.append(f"Seeded holdout of --data: an example is test when sha256('{args.seed}:<id>') < "
+        if args.holdout_by == "cluster":
+            from data.mmseqs import easy_cluster
+
+            seqs = {ex["id"]: ex["proteins"][0]["sequence"] for ex in allx if ex["proteins"] and ex["proteins"][0].get("sequence")}
+            clusters = easy_cluster(seqs, min_seq_id=0.3, coverage=0.5, threads=args.threads)
+            for ex in allx:
+                ex["meta"]["cluster"] = clusters.get(ex["id"], ex["id"])
+        train, examples = holdout_split(allx, args.holdout, args.seed, key="cluster" if args.holdout_by == "cluster" else "id")
+        unit = "<MMseqs2 cluster representative, 30% identity / 50% coverage>" if args.holdout_by == "cluster" else "<id>"
+        notes.append(f"Seeded holdout of --data: an example is test when sha256('{args.seed}:{unit}') maps below "
                      f"{args.holdout} (train {len(train)}, test {len(examples)}).")
         if args.limit:
             examples = _limit(examples, args.limit)

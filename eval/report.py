@@ -91,7 +91,7 @@ class TaskScorer:
         for lvl in range(1, 5):
             self.arrays[f"level{lvl}_accuracy"] = np.array([S.ec_level_correct(p, t, lvl) for p, t in zip(ps, ts)],
                                                            dtype=float)
-        self._P, self._T, _ = S._binarize([set(p) for p in ps], [set(t) for t in ts])
+        self._wprf = S.WeightedPRF(ps, ts)
 
     def _prep_label_set(self, meteor, bertscore_model):
         ps = [S.split_labels(p) for p in self.preds]
@@ -137,7 +137,7 @@ class TaskScorer:
             for k, v in m.items():
                 out[pre + k] = float(v)
         if self.family == "ec":
-            for k, v in S.weighted_prf(self._P[idx], self._T[idx]).items():
+            for k, v in self._wprf(idx).items():
                 out["clean_" + k] = v
         if len(idx) == self.n and getattr(self, "fixed", None):
             out.update(self.fixed)
@@ -167,7 +167,7 @@ class TaskScorer:
                 for k, v in m.items():
                     res[pre + k] = v
             if self.family == "ec":
-                w = [S.weighted_prf(self._P[row], self._T[row]) for row in I]
+                w = [self._wprf(row) for row in I]
                 for k in ("precision", "recall", "f1"):
                     res["clean_" + k] = np.array([x[k] for x in w])
             for k, v in res.items():

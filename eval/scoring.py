@@ -65,14 +65,17 @@ def _word_tokenizer():
 def word_tokens(text, lower: bool = True) -> list[str]:
     """NLTK word tokens (sentence split by regex, then ``NLTKWordTokenizer``), lower-cased."""
     s = as_text(text)
-    if lower:
-        s = s.lower()
+    return list(_tokens_cached(s.lower() if lower else s))
+
+
+@lru_cache(maxsize=100_000)
+def _tokens_cached(s: str) -> tuple:
     tok = _word_tokenizer()
     out: list[str] = []
     for sent in _SENT_SPLIT.split(s.strip()):
         if sent:
             out.extend(tok.tokenize(sent))
-    return out
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,6 +416,44 @@ def weighted_prf(P: np.ndarray, T: np.ndarray) -> dict[str, float]:
         return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     return {"precision": float((p * ntrue).sum() / w), "recall": float((r * ntrue).sum() / w),
             "f1": float((f * ntrue).sum() / w)}
+
+
+class WeightedPRF:
+    """Fast :func:`weighted_prf` for many resamples: per-label counts by ``np.bincount`` over the
+    examples' label indices, weighted by how often each example was drawn."""
+
+    def __init__(self, pred_sets, true_sets):
+        labels = sorted(set().union(*map(set, pred_sets), *map(set, true_sets))) if (pred_sets or true_sets) else []
+        idx = {l: i for i, l in enumerate(labels)}
+        self.L = len(labels)
+        ex_p, lab_p, ex_t, lab_t, ex_tp, lab_tp = [], [], [], [], [], []
+        for i, (p, t) in enumerate(zip(pred_sets, true_sets)):
+            p, t = set(p), set(t)
+            for l in p:
+                ex_p.append(i); lab_p.append(idx[l])  # noqa: E702
+            for l in t:
+                ex_t.append(i); lab_t.append(idx[l])  # noqa: E702
+            for l in p & t:
+                ex_tp.append(i); lab_tp.append(idx[l])  # noqa: E702
+        arr = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+        self.ex_p, self.lab_p, self.ex_t, self.lab_t = arr(ex_p), arr(lab_p), arr(ex_t), arr(lab_t)
+        self.ex_tp, self.lab_tp = arr(ex_tp), arr(lab_tp)
+        self.n = len(pred_sets)
+
+    def __call__(self, idx=None) -> dict[str, float]:
+        w = np.ones(self.n) if idx is None else np.bincount(np.asarray(idx), minlength=self.n).astype(float)
+        tp = np.bincount(self.lab_tp, weights=w[self.ex_tp], minlength=self.L)
+        npred = np.bincount(self.lab_p, weights=w[self.ex_p], minlength=self.L)
+        ntrue = np.bincount(self.lab_t, weights=w[self.ex_t], minlength=self.L)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = np.where(npred > 0, tp / np.maximum(npred, 1e-300), 0.0)
+            r = np.where(ntrue > 0, tp / np.maximum(ntrue, 1e-300), 0.0)
+            f = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+        tot = ntrue.sum()
+        if tot == 0:
+            return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+        return {"precision": float((p * ntrue).sum() / tot), "recall": float((r * ntrue).sum() / tot),
+                "f1": float((f * ntrue).sum() / tot)}
 
 
 def micro_prf_counts(pred_sets, true_sets) -> np.ndarray:

@@ -154,3 +154,13 @@ def test_evaluate_modules_load_offline():
     assert r["accuracy"] == pytest.approx(0.5)
     r = load("label_set_f1").compute(predictions=["a; b"], references=["b; c"])
     assert r["f1"] == pytest.approx(0.5)
+
+
+def test_weighted_prf_fast_path_equals_matrix_form_on_resamples():
+    ps = [["1.1.1.1", "9.9.9.9"], ["2.7.11.1"], [], ["3.5.2.6", "1.1.1.1"]]
+    ts = [["1.1.1.1", "2.7.11.1"], ["2.7.11.1"], ["4.2.1.1"], ["3.5.2.6"]]
+    P, T, _ = S._binarize([set(p) for p in ps], [set(t) for t in ts])
+    fast = S.WeightedPRF(ps, ts)
+    assert fast() == pytest.approx(S.weighted_prf(P, T))
+    idx = np.array([0, 0, 2, 3, 3, 3])
+    assert fast(idx) == pytest.approx(S.weighted_prf(P[idx], T[idx]))
