@@ -484,8 +484,8 @@ def build_model_card(folder, *, repo_id: str | None = None, training_args=None, 
     training_args = _load_json(training_args, "training args")
     metrics = _load_json(metrics, "metrics")
     setup = _stages(training_args)[0] if training_args else {}
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     repo_id = repo_id or "ORG/NAME"
-    model_name = model_name or repo_id.split("/")[-1]
 
     if base_models is None:
         llm = next((setup[k] for k in ("language_model", "llm", "text_model", "model_name_or_path") if setup.get(k)), None)
@@ -925,6 +925,9 @@ def main(argv=None) -> int:
     except (ModelFolderError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the Hub: offline, unreachable, unauthorised (huggingface_hub errors are OSErrors)
+        print(f"error: the Hub refused or could not be reached: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

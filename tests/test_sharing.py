@@ -264,6 +264,9 @@ def test_cli_card_and_push(copy_of, tmp_path, capsys):
         assert sharing.main(["push", str(copy_of), "--repo-id", "me/x", "--private"]) == 0
     assert create_repo.call_args.kwargs["private"] is True and upload.call_args.kwargs["repo_id"] == "me/x"
     assert 'repo = "me/x"' in (copy_of / "README.md").read_text()  # placeholder filled at push time
+    capsys.readouterr()
+    assert sharing.main(["push", str(copy_of), "--repo-id", "me/x"]) == 1  # offline: a clear error, no traceback
+    assert "offline mode is enabled" in capsys.readouterr().err
     (copy_of / "modeling_protllm.py").unlink()
     assert sharing.main(["push", str(copy_of), "--repo-id", "me/x"]) == 2
     assert "modeling_protllm.py" in capsys.readouterr().err
