@@ -120,3 +120,27 @@ def test_real_tiny_protllm_batched_resumable_equals_one_at_a_time(tmp_path):
     assert len(path.read_text().splitlines()) == 6
     s = json.loads((tmp_path / "pred.jsonl.settings.json").read_text())
     assert s["do_sample"] is False and s["use_cache"] is True and s["padding_side"] == "left"
+
+
+def test_cli_with_saved_model_folder_and_shuffled_proteins(tmp_path):
+    """The model-folder contract end to end: save a tiny ProtLLM, evaluate it with python -m eval."""
+    pytest.importorskip("torch")
+    try:
+        from model_folder import save_model_folder
+        from tiny_protllm import build_tiny_protllm
+    except Exception as exc:
+        pytest.skip(f"ProtLLM core not importable: {exc}")
+    from eval.__main__ import main
+
+    model, proc = build_tiny_protllm("llama", seed=0)
+    folder = save_model_folder(model, proc, tmp_path / "tiny_model")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"accession": f"P{i}", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"[: 10 + i],
+                                          "description": f"Binds zinc {i}", "split": "test"}) for i in range(4)) + "\n")
+    out = tmp_path / "out"
+    assert main(["--data", str(data), "--predictor", str(folder), "--shuffled_proteins", "--out", str(out),
+                 "--max_new_tokens", "4", "--batch_size", "2", "--bootstrap", "0", "--no_meteor", "--no_progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["tasks"]["function_text"]["predictors"]) == {"tiny_model", "tiny_model+shuffled_proteins"}
+    s = json.loads((out / "predictions" / "function_text" / "tiny_model.jsonl.settings.json").read_text())
+    assert s["model_dir"] == str(folder) and s["do_sample"] is False and s["max_new_tokens"] == 4
