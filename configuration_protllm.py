@@ -115,7 +115,8 @@ class ProtLLMConfig(PreTrainedConfig):
         self.text_config.num_experts_per_tok = self.moe_top_k
         self.text_config.router_aux_loss_coef = self.moe_router_aux_loss_coef
         if not hasattr(self.text_config, "output_router_logits"):
-            self.text_config.output_router_logits = True
+            # Present (TRL checks for the attribute) but off: generation need not collect router logits.
+            self.text_config.output_router_logits = False
 
     def validate_protllm(self):
         """Part of `@strict` validation: values that type hints cannot express."""

@@ -508,7 +508,8 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
     ) -> ProtLLMCausalLMOutputWithPast:
         """`labels` `(B, S)`: next-token targets, -100 where ignored (prompt, protein tokens, padding)."""
         if output_router_logits is None and self.config.moe_num_experts:
-            output_router_logits = getattr(self.config.text_config, "output_router_logits", False)
+            # The balancing loss is a training loss: on by default when labels are given.
+            output_router_logits = labels is not None or getattr(self.config.text_config, "output_router_logits", False)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -550,6 +551,8 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         """Switch/Mixtral load-balancing loss, the same function TRL's fused SFT path applies."""
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+        if attention_mask is not None and attention_mask.numel() != router_logits[0].shape[0]:
+            attention_mask = None  # cached decoding: the router saw only the new tokens
         return load_balancing_loss_func(router_logits, self.config.moe_num_experts, self.config.moe_top_k, attention_mask)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):

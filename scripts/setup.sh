@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian/Ubuntu machine: system tools, a virtual environment, the CPU torch
+# build first (so no requirement pulls CUDA wheels), then the dependencies declared in pyproject.toml.
+# The repository itself is used in place (not installed): model folders must load without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+need_apt=()
+command -v mmseqs >/dev/null 2>&1 || need_apt+=(mmseqs2)
+[ -d /usr/share/wordnet ] || need_apt+=(wordnet-base)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        echo "warning: install ${need_apt[*]} yourself (MMseqs2 for splits/retrieval, WordNet for METEOR)" >&2
+    fi
+fi
+
+stamp="$VENV/.protllm-installed"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+    exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+"$VENV/bin/python" - <<'PY' > "$VENV/requirements.txt"
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+PY
+"$VENV/bin/python" -m pip install -q -r "$VENV/requirements.txt"
+touch "$stamp"
