@@ -64,7 +64,9 @@ class ProtLLMConfig(PreTrainedConfig):
             many experts (SEPIT: 4), upcycled from the dense weights.
         moe_top_k (`int`): experts per token (SEPIT: 1).
         moe_capacity_factor / moe_eval_capacity_factor (`float`): expert capacity in training / evaluation
-            (SEPIT: 1.25 / 2.0); tokens over capacity skip the block (residual path only).
+            (SEPIT: 1.25 / 2.0); tokens over capacity skip the block (residual path only). The evaluation default
+            None routes every token: capacity depends on the batch, so with a limit batched generation can differ
+            from one-at-a-time generation.
         moe_router_aux_loss_coef (`float`): weight of the load-balancing loss (SEPIT: 0.01).
     """
 
@@ -91,11 +93,11 @@ class ProtLLMConfig(PreTrainedConfig):
     structure_num_kernels: int = 128
     structure_dropout: float = 0.15
     structure_embedding_scale: float = 0.1
-    structure_chunk_size: int = 256
+    structure_chunk_size: int = 64
     moe_num_experts: int = 0
     moe_top_k: int = 1
     moe_capacity_factor: float = 1.25
-    moe_eval_capacity_factor: float = 2.0
+    moe_eval_capacity_factor: float | None = None
     moe_router_aux_loss_coef: float = 0.01
     tie_word_embeddings: bool = False
 
@@ -137,8 +139,8 @@ class ProtLLMConfig(PreTrainedConfig):
             problems.append(f"moe_num_experts must be 0 (dense) or >= 2, got {self.moe_num_experts}")
         if self.moe_num_experts and not 1 <= self.moe_top_k <= self.moe_num_experts:
             problems.append(f"moe_top_k must be in [1, moe_num_experts={self.moe_num_experts}], got {self.moe_top_k}")
-        if self.moe_capacity_factor <= 0 or self.moe_eval_capacity_factor <= 0:
-            problems.append("moe_capacity_factor and moe_eval_capacity_factor must be > 0")
+        if self.moe_capacity_factor <= 0 or (self.moe_eval_capacity_factor is not None and self.moe_eval_capacity_factor <= 0):
+            problems.append("moe_capacity_factor and moe_eval_capacity_factor must be > 0 (eval: or None, no limit)")
         if self.use_structure_bias and self.protein_encoder_backend != "esm":
             problems.append("use_structure_bias requires protein_encoder_backend='esm' (the bias rides in EsmModel's attention mask)")
         if self.protein_config is not None:

@@ -113,17 +113,19 @@ class ProtLLMStructureBias(nn.Module):
         ca_coords = torch.where(coord_mask.unsqueeze(-1), ca_coords, torch.zeros_like(ca_coords))
         dtype = self.edge_proj.weight.dtype
         ca_coords = ca_coords.to(dtype)
-        biases, edge_sums = [], []
-        for start in range(0, ca_coords.shape[1], self.chunk_size):
+        num_proteins, num_tokens = coord_mask.shape
+        # Chunks are written into one preallocated bias: no list + torch.cat copy of the H x T x T tensor.
+        bias = ca_coords.new_empty(num_proteins, self.num_heads, num_tokens, num_tokens)
+        edge_sums = []
+        for start in range(0, num_tokens, self.chunk_size):
             rows = slice(start, start + self.chunk_size)
             args = (ca_coords[:, rows], ca_coords, coord_mask[:, rows], coord_mask)
             if torch.is_grad_enabled() and self.training:
-                bias, edge_sum = checkpoint(self._chunk, *args, use_reentrant=False)
+                chunk_bias, edge_sum = checkpoint(self._chunk, *args, use_reentrant=False)
             else:
-                bias, edge_sum = self._chunk(*args)
-            biases.append(bias)
+                chunk_bias, edge_sum = self._chunk(*args)
+            bias[:, :, rows] = chunk_bias
             edge_sums.append(edge_sum)
-        bias = torch.cat(biases, dim=2)
         residue_term = self.edge_proj(torch.cat(edge_sums, dim=1)) * self.embedding_scale
         residue_term = residue_term * coord_mask.unsqueeze(-1).to(residue_term.dtype)
         return bias, residue_term
@@ -210,7 +212,7 @@ class ProtLLMProteinEncoder(nn.Module):
             embeddings = embeddings + residue_term.to(embeddings.dtype)
             # A prepared 4D float mask is passed through by EsmModel unchanged: padding + per-head bias.
             padding = (1.0 - attention_mask[:, None, None, :].to(bias.dtype)) * torch.finfo(bias.dtype).min
-            mask = (bias + padding).to(embeddings.dtype)
+            mask = bias.add_(padding).to(embeddings.dtype)  # in place: one H x T x T tensor, not two
         outputs = self.esm(inputs_embeds=embeddings, attention_mask=mask, output_hidden_states=want_hidden)
         return outputs.hidden_states[layer] if want_hidden else outputs.last_hidden_state
 
@@ -507,6 +509,8 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> ProtLLMCausalLMOutputWithPast:
         """`labels` `(B, S)`: next-token targets, -100 where ignored (prompt, protein tokens, padding)."""
+        # Trainer passes the batch's label count for the loss only; the backbone must not see it.
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if output_router_logits is None and self.config.moe_num_experts:
             # The balancing loss is a training loss: on by default when labels are given.
             output_router_logits = labels is not None or getattr(self.config.text_config, "output_router_logits", False)
@@ -532,7 +536,8 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
 
         loss = aux_loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
         if outputs.router_logits is not None:
             aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask)
             if loss is not None:
@@ -652,6 +657,7 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         for block in moe_blocks(self):
             nn.init.normal_(block.router.weight, std=self.config.text_config.initializer_range)
             block.router.to(device=device, dtype=dtype)
+            block.train(self.training)  # new modules start in training mode: an eval model must not apply training capacity
         return self
 
     def parameter_counts(self) -> dict[str, int]:

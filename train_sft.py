@@ -290,7 +290,7 @@ def evaluate_model(recipe, model_dir: Path, output_dir: Path) -> dict | None:
     table = summarise_metrics(metrics, model_name=model_dir.name)
     (output_dir / "eval.json").write_text(json.dumps(table, indent=1))
     print_table(table)
-    print_examples(eval_dir / "predictions.jsonl", model_dir.name, spec.get("examples", 6))
+    print_examples(eval_dir / "predictions.jsonl", model_dir.name, spec.get("examples", 4))
     return table
 
 
@@ -305,7 +305,7 @@ def summarise_metrics(metrics: dict, model_name: str) -> dict:
             value = result.get("metrics", {}).get(primary, {})
             label = "model" if predictor == model_name else ("model_shuffled_proteins" if predictor.startswith(model_name) else predictor)
             row[label] = {"metric": primary, "value": value.get("value"), "ci_low": value.get("ci_low"),
-                          "ci_high": value.get("ci_high"), "n": result.get("counts", {}).get("n")}
+                          "ci_high": value.get("ci_high"), "n": result.get("counts", {}).get("n_examples")}
         tasks[task] = row
     return {"tasks": tasks, "report": "eval/report.md", "metrics": "eval/metrics.json"}
 
@@ -325,19 +325,18 @@ def print_table(table: dict):
 
 
 def print_examples(predictions_path: Path, model_name: str, count: int):
+    """A few answers per task beside the truth, the first `count` rows of each task."""
     if not predictions_path.is_file() or count <= 0:
         return
     print("\n=== examples (model answer | reference) ===")
-    seen = 0
+    shown = {}
     for line in predictions_path.read_text().splitlines():
         row = json.loads(line)
         answer = (row.get("predictions") or {}).get(model_name)
-        if answer is None:
+        if answer is None or shown.get(row["task"], 0) >= count:
             continue
+        shown[row["task"]] = shown.get(row["task"], 0) + 1
         print(f"[{row['task']}] {answer!r:50.50} | {row['reference']!r:50.50}")
-        seen += 1
-        if seen >= count:
-            break
 
 
 # ----- main ------------------------------------------------------------------------------------------------

@@ -104,7 +104,11 @@ class TaskScorer:
         opts = [o if isinstance(o, (list, tuple)) else (list(o.values()) if isinstance(o, dict) else None) for o in opts]
         refs = []
         for r, m in zip(self.refs, self.metas):
-            refs.append(m.get("correct") or m.get("label") or m.get("answer_letter") or r)
+            if kind == "yes_no":
+                # meta["label"] of yes/no rows is the property asked about ("a transferase"), not the answer
+                refs.append(m.get("answer") or r)
+            else:
+                refs.append(m.get("correct") or m.get("answer_letter") or r)
         groups = [m.get("group") or m.get("question_id") or None for m in self.metas]
         res = S.choice_accuracy(self.preds, refs, kind=kind, options=opts if any(opts) else None,
                                 groups=groups if all(g is not None for g in groups) and groups else None)

@@ -10,12 +10,14 @@ PYTHON=${PYTHON:-python3}
 need_apt=()
 command -v mmseqs >/dev/null 2>&1 || need_apt+=(mmseqs2)
 [ -d /usr/share/wordnet ] || need_apt+=(wordnet-base)
+# real Swiss-Prot records for the reader tests and for rebuilding data/demo
+[ -f /usr/share/doc/mmseqs2/example-data/QUERY.fasta.gz ] || need_apt+=(mmseqs2-examples)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
         $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
     else
-        echo "warning: install ${need_apt[*]} yourself (MMseqs2 for splits/retrieval, WordNet for METEOR)" >&2
+        echo "warning: install ${need_apt[*]} yourself (MMseqs2 for splits/retrieval, WordNet for METEOR, examples for tests)" >&2
     fi
 fi
 

@@ -120,3 +120,18 @@ def test_cli_baselines_on_real_data_with_identity_bins(tmp_path):
                  "--predictor", "most_common", "--out", str(out), "--bootstrap", "0", "--no_progress",
                  "--no_identity"]) == 0
     assert (out / "predictions" / "go_terms" / "retrieval.jsonl").read_text() == before
+
+
+def test_yes_no_rows_of_the_data_package_score_their_answer_not_their_property(repo_root):
+    """Regression: meta["label"] of yes/no rows names the property ("a transferase"); the answer is meta["answer"]."""
+    from eval.data import load_examples
+    from eval.report import score_predictor
+
+    examples = [ex for ex in load_examples(repo_root / "data" / "demo" / "test.jsonl") if ex["task"] == "yes_no"]
+    assert examples and all(ex["reference"] in ("yes", "no") for ex in examples)
+    truth = {ex["id"]: ex["reference"] for ex in examples}
+    always_yes = {ex["id"]: "Yes." for ex in examples}
+    perfect = score_predictor("yes_no", examples, truth)
+    assert perfect["metrics"]["accuracy"]["value"] == 1.0
+    expected = sum(r == "yes" for r in truth.values()) / len(truth)
+    assert abs(score_predictor("yes_no", examples, always_yes)["metrics"]["accuracy"]["value"] - expected) < 1e-9

@@ -176,9 +176,13 @@ def test_uploaded_folder_loads_in_a_clean_process_with_the_same_answers(shared, 
 
 
 def readme_snippet() -> str:
-    text = (REPO_ROOT / "docs" / "use_a_released_model.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 1, "docs/use_a_released_model.md must hold exactly one python block"
+    """The python block of README.md's "Use a released model" section (the same as the cards' and the docs')."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Use a released model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "README's 'Use a released model' section must hold exactly one python block"
+    docs = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "docs" / "use_a_released_model.md").read_text(), re.S)
+    assert docs == blocks, "README.md and docs/use_a_released_model.md (the card's source) disagree"
     return blocks[0]
 
 
