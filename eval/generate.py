@@ -242,6 +242,18 @@ class ModelPredictor:
                 "seed": self.seed if self.do_sample else None, "dtype": self.dtype, "padding_side": "left"}
 
     def predict(self, examples):
+        """Answers for ``examples``; a batch that runs out of memory is split in halves and retried (an example
+        that does not fit on its own still raises). Greedy answers do not depend on the batch (left padding)."""
+        try:
+            return self._predict_batch(examples)
+        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+            if len(examples) < 2 or not _is_out_of_memory(error):
+                raise
+        _free_accelerator_memory()
+        half = len(examples) // 2
+        return self.predict(examples[:half]) + self.predict(examples[half:])
+
+    def _predict_batch(self, examples):
         import torch
 
         self._load()
@@ -259,3 +271,22 @@ class ModelPredictor:
             out = self._model.generate(**inputs, **self.generation_kwargs())
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self._proc.batch_decode(new, skip_special_tokens=True)]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
