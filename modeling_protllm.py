@@ -325,6 +325,46 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ProtLLMResampler):
             nn.init.normal_(module.queries, std=0.02)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # Safe loading: transformers only *warns* when the weights hold tensors the config has no place for
+        # (unexpected keys) or lack tensors it needs (missing keys, left randomly initialised), e.g. after
+        # config.json was edited to another num_hidden_layers. Refuse that silent partial load (size mismatches
+        # already raise in transformers). The one expected difference: a base ProtLLMModel loaded from a folder
+        # saved with the LM head. Callers passing output_loading_info=True get the report and decide themselves.
+        if kwargs.get("output_loading_info"):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        encoder = getattr(model, "model", model).protein_encoder
+        if encoder.backend == "fair-esm":  # fair-esm ties its (unused) MLM head to its embedding: safetensors keeps one
+            encoder.esm.lm_head.weight = encoder.esm.embed_tokens.weight
+        missing = sorted(k for k in info.get("missing_keys") or [] if not _is_tied(model, k, info["missing_keys"]))
+        unexpected = sorted(k for k in info.get("unexpected_keys") or [] if hasattr(model, "lm_head") or not k.startswith("lm_head."))
+        if missing or unexpected:
+            def show(keys):
+                return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+            problems = ([f"missing from the weights: {show(missing)}"] if missing else []) + (
+                [f"in the weights but not in this config: {show(unexpected)}"] if unexpected else [])
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: the weights do not match config.json; " + "; ".join(problems)
+                + ". Refusing a partial load: fix config.json or the weights (output_loading_info=True returns the report)."
+            )
+        return model
+
+
+def _is_tied(model, key, missing) -> bool:
+    """True when the parameter `key` is the same tensor as a loaded one (e.g. fair-esm's lm_head tied to its embedding,
+    which safetensors stores once): reported missing by transformers, yet loaded."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    prefix = model.base_model_prefix + "."
+    by_name = {n: i for i, ns in names.items() for n in ns}
+    ident = by_name.get(key, by_name.get(prefix + key))
+    missing = set(missing) | {prefix + k for k in missing}
+    return ident is not None and any(n not in missing for n in names[ident])
+
 
 class ProtLLMModel(ProtLLMPreTrainedModel):
     """Protein encoder + projector + LLM backbone, without the LM head."""
