@@ -1,0 +1,626 @@
+"""Reliability and security: interrupted work, atomic writes, safe loading, no network, resource bounds.
+
+Every kill below is a real SIGKILL of a child process. The training SIGKILL/resume test lives in
+tests/test_training.py (test_resume_after_sigkill_reaches_the_uninterrupted_weights) and is not repeated here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REMOTE_CODE_MODULES = ("configuration_protllm", "modeling_protllm", "moe_protllm", "processing_protllm",
+                       "structure_protllm", "pipeline_protllm")
+SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "MDLVNHLTDRLLFAIPKKGRLYSKSVS", "MSTNPKPQRKTKRNTNRRPQDVKFPGG",
+             "MAHHHHHHVDDDDK", "MGSSHHHHHHSSGLVPRGSH", "MKVLAAGIVGLLLAQ", "MSDKIIHLTDDSFDTDVLK",
+             "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"]
+
+
+def _env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO), **extra}
+
+
+def _wait_for(predicate, process, what, timeout=180):
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            out = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"the child ended (rc={process.returncode}) before {what}:\n{out[-3000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _kill(process):
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tiny_protllm import build_tiny_protllm
+
+    return build_tiny_protllm("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny):
+    from model_folder import save_model_folder
+
+    model, processor = tiny
+    return save_model_folder(model, processor, tmp_path_factory.mktemp("folder") / "tiny_model")
+
+
+# ============================================================================ interrupted evaluation
+
+
+def test_eval_killed_mid_way_resumes_without_recomputing_or_duplicating(tmp_path, tiny_folder, monkeypatch):
+    from eval.__main__ import main
+    from eval.generate import ModelPredictor, read_predictions
+
+    n = 40
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"accession": f"P{i:03d}", "sequence": SEQUENCES[i % len(SEQUENCES)][: 12 + i % 9],
+                                        "description": f"Binds zinc {i}", "split": "test"}) + "\n" for i in range(n)))
+    args = ["--data", str(data), "--predictor", str(tiny_folder), "--max_new_tokens", "16", "--batch_size", "1",
+            "--bootstrap", "0", "--no_meteor", "--no_progress", "--no_identity"]
+    out = tmp_path / "killed"
+    predictions = out / "predictions" / "function_text" / "tiny_model.jsonl"
+
+    def lines():
+        return predictions.read_text().count("\n") if predictions.exists() else 0
+
+    process = subprocess.Popen([sys.executable, "-m", "eval", *args, "--out", str(out)], cwd=REPO, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: lines() >= 5, process, "five predictions were written")
+    _kill(process)
+    before = predictions.read_text()
+    done_before, _ = read_predictions(predictions)
+    assert 5 <= len(done_before) < n, f"killed after {len(done_before)} of {n}: not mid-way"
+    assert not (out / "metrics.json").exists()
+    settings_before = (predictions.parent / "tiny_model.jsonl.settings.json").read_text()
+
+    predicted = []
+    real_predict = ModelPredictor.predict
+
+    def counting_predict(self, examples):
+        predicted.extend(e["id"] for e in examples)
+        return real_predict(self, examples)
+
+    monkeypatch.setattr(ModelPredictor, "predict", counting_predict)
+    assert main([*args, "--out", str(out)]) == 0
+    complete_before = before[: before.rfind("\n") + 1]  # a line torn by the kill is dropped and redone
+    after = predictions.read_text()
+    assert after.startswith(complete_before), "predictions written before the kill were rewritten"
+    assert not set(predicted) & set(done_before), "done predictions were recomputed"
+    assert len(predicted) == len(set(predicted)) == n - len(done_before)
+    resumed_count = len(predicted)
+    ids = [json.loads(line)["id"] for line in after.splitlines()]
+    assert len(ids) == len(set(ids)) == n, "duplicated or missing predictions"
+    assert (predictions.parent / "tiny_model.jsonl.settings.json").read_text() == settings_before
+
+    # the resumed run gives what one uninterrupted run gives
+    straight = tmp_path / "straight"
+    assert main([*args, "--out", str(straight)]) == 0
+    resumed, _ = read_predictions(predictions)
+    uninterrupted, _ = read_predictions(straight / "predictions" / "function_text" / "tiny_model.jsonl")
+    assert resumed == uninterrupted
+    print(f"\neval SIGKILL: killed after {len(done_before)}/{n} predictions; resume predicted {resumed_count} "
+          f"(none of the done ones), {len(ids)} unique lines, equal to an uninterrupted run")
+
+
+# ============================================================================ atomic feature cache and dataset builds
+
+
+_CACHE_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    import safetensors.torch
+    from tiny_protllm import build_tiny_protllm
+    from training import FeatureCache, ProtLLMDataCollator
+
+    root, mode = sys.argv[1], sys.argv[2]
+    sequences = sys.argv[3].split(",")
+    model, processor = build_tiny_protllm("llama", seed=0)
+    rows = [{"instruction": "What does it do?", "input": s, "output": "It binds zinc."} for s in sequences]
+    cache = FeatureCache(root, model)
+    real_save = safetensors.torch.save_file
+    calls = [0]
+
+    def save_file(tensors, filename, metadata=None):
+        calls[0] += 1
+        if mode == "kill" and calls[0] == 3:  # the third file: write half of it, then hang until killed
+            real_save(tensors, filename, metadata=metadata)
+            data = open(filename, "rb").read()
+            with open(filename, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+            print("MIDWRITE", filename, flush=True)
+            time.sleep(600)
+        if mode == "race":  # a slow file system (NFS on a cluster): the two writers of a key overlap in time
+            real_save(tensors, filename, metadata=metadata)
+            data = open(filename, "rb").read()
+            with open(filename, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                time.sleep(0.05)
+                handle.write(data[len(data) // 2 :])
+            return None
+        return real_save(tensors, filename, metadata=metadata)
+
+    safetensors.torch.save_file = save_file
+    if mode == "race":  # start together with the other process
+        print("READY", flush=True)
+        while not os.path.exists(sys.argv[4]):
+            time.sleep(0.001)
+    written = cache.precompute(rows, ProtLLMDataCollator(processor), batch_size=1)
+    # every file this process can see must load (a reader racing a writer must never see a torn file)
+    for path in cache.directory.rglob("*.safetensors"):
+        safetensors.torch.load_file(path)
+    print("WRITTEN", written, flush=True)
+    """
+)
+
+
+def _reference_states(model, processor, sequences):
+    """Encoder residue states per cache key, computed in this process one protein at a time."""
+    from training import FeatureCache
+
+    states = {}
+    for sequence in sequences:
+        batch = processor(text="<protein>", proteins=[sequence], return_tensors="pt")
+        ids = batch["protein_input_ids"][0]
+        with torch.no_grad():
+            residue_states, mask = model.model.protein_encoder(batch["protein_input_ids"], batch["protein_attention_mask"])
+        states[FeatureCache.key(ids, None, None)] = residue_states[0, : int(mask[0].sum())]
+    return states
+
+
+def test_feature_cache_killed_mid_write_leaves_nothing_trusted(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    from training import FeatureCache, ProtLLMDataCollator
+
+    model, processor = tiny
+    sequences = SEQUENCES[:6]
+    root = tmp_path / "cache"
+    process = subprocess.Popen([sys.executable, "-c", _CACHE_CHILD, str(root), "kill", ",".join(sequences)],
+                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = ""
+    while "MIDWRITE" not in line:  # tqdm writes \r-separated bars on the same line
+        line = process.stdout.readline()
+        assert line or process.poll() is None, "the child ended before writing"
+    _kill(process)
+
+    cache = FeatureCache(root, model)
+    reference = _reference_states(model, processor, sequences)
+    trusted = sorted(cache.directory.rglob("*.safetensors"))
+    assert len(trusted) == 2, f"exactly the two finished files are visible, got {[p.name for p in trusted]}"
+    for path in trusted:  # what a later run trusts is complete and correct
+        assert torch.equal(load_file(path)["states"], reference[path.stem])
+    # the later run recomputes only what the killed one did not finish, then every protein loads
+    rows = [{"instruction": "What does it do?", "input": s, "output": "It binds zinc."} for s in sequences]
+    assert cache.precompute(rows, ProtLLMDataCollator(processor), batch_size=1) == len(sequences) - 2
+    for key, states in reference.items():
+        assert torch.equal(load_file(cache.path(key))["states"], states)
+    leftovers = [p.name for p in cache.directory.rglob("*") if p.is_file() and not p.name.endswith(".safetensors")]
+    print(f"\nfeature cache SIGKILL mid-write: 2 complete files trusted, torn write left only {leftovers} (never read)")
+
+
+def test_two_processes_filling_one_cache_directory(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    from training import FeatureCache
+
+    model, processor = tiny
+    sequences = SEQUENCES
+    root, go = tmp_path / "shared_cache", tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, "-c", _CACHE_CHILD, str(root), "race", ",".join(sequences), str(go)],
+                                 cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+    for child in children:
+        line = ""
+        while "READY" not in line:
+            line = child.stdout.readline()
+            assert line or child.poll() is None, "a child ended before the start"
+    go.touch()
+    outputs = [child.communicate(timeout=300)[0] for child in children]
+    for child, output in zip(children, outputs):
+        assert child.returncode == 0, output[-3000:]
+    written = [int(output.split("WRITTEN")[-1].split()[0]) for output in outputs]
+
+    cache = FeatureCache(root, model)
+    reference = _reference_states(model, processor, sequences)
+    files = sorted(cache.directory.rglob("*"))
+    assert sorted(p.stem for p in files if p.is_file()) == sorted(reference), f"stray files: {files}"
+    for key, states in reference.items():
+        assert torch.equal(load_file(cache.path(key))["states"], states)
+    assert sum(written) >= len(sequences)
+    print(f"\ntwo processes, one cache: wrote {written} files ({sum(written) - len(sequences)} written by both), "
+          f"{len(reference)} identical loadable files, no temporary left")
+
+
+_SAVE_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import datasets
+    from data.card import save_atomic
+
+    real = datasets.Dataset.save_to_disk
+    calls = [0]
+
+    def save_to_disk(self, path, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # the first split is on disk, the second is being written: hang until killed
+            print("MIDWRITE", path, flush=True)
+            time.sleep(600)
+        return real(self, path, *args, **kwargs)
+
+    datasets.Dataset.save_to_disk = save_to_disk
+    new = datasets.DatasetDict(train=datasets.Dataset.from_dict({"id": ["new-1", "new-2"]}),
+                               test=datasets.Dataset.from_dict({"id": ["new-3"]}))
+    save_atomic(new, sys.argv[1], extra_files={"README.md": "new card"})
+    """
+)
+
+
+def test_dataset_build_killed_mid_write_keeps_the_previous_build(tmp_path):
+    import datasets
+
+    from data.card import save_atomic
+
+    out = tmp_path / "built"
+    old = datasets.DatasetDict(train=datasets.Dataset.from_dict({"id": ["old-1"]}),
+                               test=datasets.Dataset.from_dict({"id": ["old-2"]}))
+    save_atomic(old, out, extra_files={"README.md": "old card"})
+    process = subprocess.Popen([sys.executable, "-c", _SAVE_CHILD, str(out)], cwd=REPO, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = ""
+    while "MIDWRITE" not in line:  # tqdm writes \r-separated bars on the same line
+        line = process.stdout.readline()
+        assert line or process.poll() is None, "the child ended before writing"
+    _kill(process)
+    loaded = datasets.load_from_disk(str(out))  # what a later run trusts: still the previous, complete build
+    assert loaded["train"]["id"] == ["old-1"] and loaded["test"]["id"] == ["old-2"]
+    assert (out / "README.md").read_text() == "old card"
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "built")
+    assert all(name.startswith(".built.tmp-") for name in leftovers), leftovers
+    # and the next build replaces it completely
+    new = datasets.DatasetDict(train=datasets.Dataset.from_dict({"id": ["new-1", "new-2"]}),
+                               test=datasets.Dataset.from_dict({"id": ["new-3"]}))
+    save_atomic(new, out, extra_files={"README.md": "new card"})
+    assert datasets.load_from_disk(str(out))["test"]["id"] == ["new-3"]
+    print(f"\ndataset build SIGKILL mid-write: previous build intact; hidden temporary left: {leftovers}")
+
+
+# ============================================================================ safe loading
+
+
+_SKIP_DIRS = {".venv", ".git", "outputs", "__pycache__", ".cache", "build", "dist", ".hypothesis", ".whl"}
+_PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+
+
+def unsafe_serialisation(source: str, filename: str = "<string>") -> list[str]:
+    """Calls that load or write pickles: torch.load without weights_only=True, torch.save, pickle-family modules,
+    numpy allow_pickle=True, save_pretrained(safe_serialization=False)."""
+    problems = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                if name.split(".")[0] in _PICKLE_MODULES:
+                    problems.append(f"{where}: imports {name}")
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
+        keywords = {k.arg: k.value for k in node.keywords}
+
+        def is_true(key):
+            return isinstance(keywords.get(key), ast.Constant) and keywords[key].value is True
+
+        if owner == "torch" and name == "load" and not is_true("weights_only"):
+            problems.append(f"{where}: torch.load without weights_only=True")
+        if owner == "torch" and name == "save":
+            problems.append(f"{where}: torch.save writes a pickle")
+        if owner in ("np", "numpy") and name == "load" and "allow_pickle" in keywords and not (
+                isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False):
+            problems.append(f"{where}: numpy.load with allow_pickle")
+        if name == "save_pretrained" and "safe_serialization" in keywords and not is_true("safe_serialization"):
+            problems.append(f"{where}: save_pretrained without safetensors")
+    return problems
+
+
+def test_no_pickle_loading_or_writing_anywhere_in_the_repository():
+    # the scanner itself catches each pattern
+    for bad in ["import torch\ntorch.load(p)", "torch.load(p, weights_only=False)", "torch.save(model, p)",
+                "import pickle", "from dill import dumps", "np.load(p, allow_pickle=True)",
+                "model.save_pretrained(d, safe_serialization=False)", "import joblib\njoblib.dump(m, p)"]:
+        assert unsafe_serialisation(bad), bad
+    assert not unsafe_serialisation("torch.load(p, weights_only=True)\nnp.load(p)\nsave_file(t, p)")
+    problems, scanned = [], 0
+    for path in sorted(REPO.rglob("*.py")):
+        if _SKIP_DIRS & set(path.relative_to(REPO).parts[:-1]):
+            continue
+        if path.name == Path(__file__).name:
+            continue  # this file spells the patterns out
+        scanned += 1
+        problems += unsafe_serialisation(path.read_text(), str(path.relative_to(REPO)))
+    assert scanned > 40
+    assert not problems, "\n".join(problems)
+
+
+def test_saved_model_folder_holds_no_pickle(tiny_folder):
+    suffixes = {p.suffix for p in tiny_folder.rglob("*") if p.is_file()}
+    assert ".safetensors" in suffixes
+    assert not suffixes & {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}, suffixes
+
+
+_IMPORT_AUDIT = textwrap.dedent(
+    """
+    import ast, importlib, json, os, socket, sys
+    sys.dont_write_bytecode = True
+    repo, names = sys.argv[1], sys.argv[2].split(",")
+    sys.path.insert(0, repo)
+
+    # Import what the modules import from elsewhere first: only the modules' own effects are audited.
+    for name in names:
+        tree = ast.parse(open(os.path.join(repo, name + ".py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps = [node.module]
+            else:
+                continue
+            for dep in deps:
+                if dep.split(".")[0] not in names:  # the modules themselves are what is audited
+                    try:
+                        importlib.import_module(dep)
+                    except ImportError:
+                        pass
+
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    WATCHED = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+               "pty.spawn", "socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.bind",
+               "urllib.Request", "http.client.connect", "os.mkdir", "os.rename", "os.remove", "os.rmdir",
+               "os.truncate", "os.symlink", "os.link", "os.chmod", "shutil.rmtree", "shutil.copyfile", "shutil.move")
+    events = []
+
+    def audit(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if (mode is not None and any(c in str(mode) for c in "wax+")) or (mode is None and flags & WRITE_FLAGS):
+                events.append(["open for writing", str(path)])
+        elif event in WATCHED:
+            events.append([event, repr(args)[:160]])
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access during import")
+
+    socket.socket.connect = socket.socket.connect_ex = no_network
+    socket.create_connection = socket.getaddrinfo = no_network
+    sys.addaudithook(audit)
+    with open(os.devnull, "w"):  # canary: the hook sees writes
+        pass
+    assert events == [["open for writing", os.devnull]], events
+    events.clear()
+    for name in names:
+        importlib.import_module(name)
+    print(json.dumps(events))
+    """
+)
+
+
+def _audit_import(directory, names):
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-I", "-B", "-c", _IMPORT_AUDIT, str(directory), ",".join(names)],
+                            cwd=directory, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_remote_code_has_no_side_effects(tmp_path):
+    # the audit catches a module that writes, spawns or connects at import time
+    (tmp_path / "canary_protllm.py").write_text(
+        "import socket, subprocess\nopen(__file__ + '.log', 'a').close()\nsubprocess.run(['true'])\n"
+        "try:\n    socket.create_connection(('example.org', 80), timeout=1)\nexcept OSError:\n    pass\n")
+    caught = {event for event, _ in _audit_import(tmp_path, ["canary_protllm"])}
+    assert {"open for writing", "subprocess.Popen"} <= caught, caught
+    # the real remote-code modules: definitions only
+    assert _audit_import(REPO, list(REMOTE_CODE_MODULES)) == []
+
+
+def _edit_config(folder: Path, target: Path, edit) -> Path:
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+CONFIG_EDITS = {  # change -> (edit, who catches it)
+    "more_llm_layers": (lambda c: c["text_config"].update(num_hidden_layers=3), "ours"),  # missing keys
+    "fewer_llm_layers": (lambda c: c["text_config"].update(num_hidden_layers=1), "ours"),  # unexpected keys
+    "structure_bias_on": (lambda c: c.update(use_structure_bias=True), "ours"),  # missing keys
+    "fewer_encoder_layers": (lambda c: c["protein_config"].update(num_hidden_layers=1), "transformers"),  # contact head size
+    "wider_encoder": (lambda c: c["protein_config"].update(intermediate_size=128), "transformers"),  # size mismatch
+}
+
+
+@pytest.mark.parametrize("change", sorted(CONFIG_EDITS))
+def test_config_that_disagrees_with_weights_fails_clearly(tmp_path, tiny_folder, change):
+    from transformers import AutoModelForCausalLM
+
+    edit, catcher = CONFIG_EDITS[change]
+    folder = _edit_config(tiny_folder, tmp_path / change, edit)
+    with pytest.raises((ValueError, RuntimeError)) as caught:
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    message = str(caught.value)
+    if catcher == "ours":  # transformers alone only warns and returns a partly random model
+        assert isinstance(caught.value, ValueError) and message.startswith(f"{folder}: the weights do not match config.json")
+        assert "Refusing a partial load" in message and "model." in message  # names the offending tensors
+    else:
+        assert "ignore_mismatched_sizes" in message or "size mismatch" in message, message
+
+
+def test_matching_folder_still_loads_with_both_auto_classes(tiny_folder, tiny):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model, _ = tiny
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_folder, trust_remote_code=True)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    AutoModel.from_pretrained(tiny_folder, trust_remote_code=True)
+
+
+# ============================================================================ no network
+
+
+def test_socket_guard_fails_a_non_loopback_connection():
+    for family, address in ((socket.AF_INET, ("93.184.216.34", 80)), (socket.AF_INET6, ("2606:2800:220:1::", 80))):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            with pytest.raises(RuntimeError, match="network access attempted during tests"):
+                sock.connect(address)
+            with pytest.raises(RuntimeError, match="network access attempted during tests"):
+                sock.connect_ex(address)
+    with pytest.raises(RuntimeError, match="network access attempted during tests"):
+        socket.create_connection(("93.184.216.34", 443), timeout=1)
+    # loopback stays usable (test servers)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname(), timeout=5):
+            pass
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+# ============================================================================ resource bounds
+
+
+_LONG_PROTEIN_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, warnings
+    import numpy as np, torch
+    from tiny_protllm import build_tiny_protllm
+
+    structure = sys.argv[1] == "structure"
+    model, processor = build_tiny_protllm("llama", seed=0, use_structure_bias=structure)
+    rng = np.random.default_rng(0)
+    sequence = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 5000))
+    def spec(seq):
+        if not structure:
+            return seq
+        ca = np.cumsum(rng.normal(size=(len(seq), 3)) * 2.2, axis=0)
+        coords = np.stack([ca - 1.0, ca, ca + 1.0, ca + 2.0], axis=1)
+        return {"sequence": seq, "structure": {"coords": coords, "sequence": seq}}
+    def run(seq):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batch = processor(text="<protein> What does this protein do?", proteins=[spec(seq)], return_tensors="pt")
+        with torch.no_grad():
+            model(**batch)
+        return batch, [str(w.message) for w in caught]
+    def peak_rss_kib():
+        # VmHWM is this process image's own peak; ru_maxrss can carry the parent's peak over fork + exec
+        try:
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(sequence[:50])  # warm-up: allocator and lazy imports do not count
+    before = peak_rss_kib()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        batch, messages = run(sequence)
+    after = peak_rss_kib()
+    # torch allocator peak: the "Total Allocated" counter of the trace (live bytes), minus its starting value
+    import os, tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        events = json.load(open(os.path.join(tmp, "trace.json")))["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    torch_peak = max(m["Total Allocated"] for m in memory) - (memory[0]["Total Allocated"] - memory[0]["Bytes"])
+    processor.protein_overflow = "error"
+    try:
+        processor(text="<protein>", proteins=[sequence])
+        refused = None
+    except ValueError as error:
+        refused = f"{type(error).__name__}: {error}"
+    print(json.dumps({"protein_tokens": list(batch["protein_input_ids"].shape), "text_tokens": list(batch["input_ids"].shape),
+                      "warnings": messages, "peak_rss_growth_mb": round((after - before) / 1024, 1),
+                      "torch_peak_mb": round(torch_peak / 2**20, 1), "has_coords": "protein_coords" in batch,
+                      "peak_rss_mb": round(after / 1024, 1), "refused": refused,
+                      "max_protein_length": processor.max_protein_length}))
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["sequence", "structure"])
+def test_5000_residue_protein_is_cropped_with_bounded_memory(kind):
+    result = subprocess.run([sys.executable, "-c", _LONG_PROTEIN_CHILD, kind], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    cap = info["max_protein_length"]
+    assert cap == 1024
+    assert info["protein_tokens"] == [1, cap + 2]  # <cls> + 1024 residues + <eos>
+    assert info["has_coords"] == (kind == "structure")
+    assert any("5000 residues cropped to max_protein_length=1024" in w for w in info["warnings"])
+    assert info["refused"] == "ProteinInputError: protein 0: 5000 residues exceed max_protein_length=1024"
+    assert info["peak_rss_growth_mb"] < 1024 and 0 < info["torch_peak_mb"] < 1024, info
+    print(f"\n5,000-residue protein ({kind}): cropped to {cap}; processor + tiny forward: torch allocator peak "
+          f"{info['torch_peak_mb']} MB, peak RSS growth {info['peak_rss_growth_mb']} MB (process peak {info['peak_rss_mb']} MB)")
+
+
+def test_a_batch_that_does_not_fit_is_split_not_crashed(tmp_path, tiny):
+    from eval.generate import ModelPredictor, run_generation
+
+    model, processor = tiny
+    real_generate = model.generate
+    sizes = []
+
+    def generate(**kwargs):
+        size = kwargs["input_ids"].shape[0]
+        sizes.append(size)
+        if size > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB (batch of {size})")
+        return real_generate(**kwargs)
+
+    examples = [{"id": f"ex{i}", "task": "function_text", "question": "What is the function of this protein?",
+                 "proteins": [{"sequence": SEQUENCES[i % len(SEQUENCES)]}], "reference": "", "meta": {}} for i in range(7)]
+    predictor = ModelPredictor("tiny", model=model, processor=processor, max_new_tokens=5)
+    model.generate = generate
+    try:
+        out = run_generation(predictor, examples, tmp_path / "p.jsonl", batch_size=7, progress=False)
+        assert sizes[0] == 7 and max(sizes[1:]) <= 4 and 1 <= min(sizes)
+        assert sum(s for s in sizes if s <= 2) == 7  # every example was generated exactly once, in batches that fit
+        model.generate = real_generate
+        single = {ex["id"]: predictor.predict([ex])[0] for ex in examples}
+        assert out == single
+        # one example that does not fit is an error, not an endless split
+        model.generate = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+        with pytest.raises(RuntimeError, match="can't allocate memory"):
+            predictor.predict(examples[:1])
+        # other errors are not mistaken for memory errors
+        model.generate = lambda **kwargs: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            predictor.predict(examples[:4])
+    finally:
+        model.generate = real_generate
