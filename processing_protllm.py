@@ -64,18 +64,19 @@ def clean_sequence(sequence, protein_index: int) -> str:
     """Apply the residue policy of this module; raise ProteinInputError naming the protein and position."""
     if not isinstance(sequence, str):
         raise ProteinInputError(f"protein {protein_index}: sequence must be a string, got {type(sequence).__name__}")
-    cleaned = _WHITESPACE.sub("", sequence).upper()
+    cleaned = _WHITESPACE.sub("", sequence)
     if cleaned.endswith("*"):
         cleaned = cleaned[:-1]
     if not cleaned:
         raise ProteinInputError(f"protein {protein_index}: empty sequence")
+    # Validate before upper-casing: str.upper maps some non-ASCII letters to residues ('ß' -> 'SS', 'ı' -> 'I').
     for position, residue in enumerate(cleaned):
-        if residue not in VALID_RESIDUES:
+        if not residue.isascii() or residue.upper() not in VALID_RESIDUES:
             raise ProteinInputError(
                 f"protein {protein_index}: invalid residue {residue!r} at position {position + 1} "
                 f"(allowed: 20 amino acids and B, Z, U, O, X)"
             )
-    return cleaned
+    return cleaned.upper()
 
 
 class ProtLLMProcessor(ProcessorMixin):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import zlib
 import io
 import json
 import re
@@ -24,14 +25,50 @@ from .builders import BuildStats
 _DUMMY = BuildStats()
 
 
-def open_text(path) -> io.TextIOBase:
-    path = Path(path)
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+class DataFileError(ValueError):
+    """A data file that cannot be read as a whole (truncated or corrupt gzip); the message names the file."""
+
+
+class _TextFile:
+    """A text file (gzip by suffix) whose read errors name the file instead of surfacing as gzip's bare EOFError."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if self.path.suffix == ".gz":
+            self._handle = io.TextIOWrapper(gzip.open(self.path, "rb"), encoding="utf-8", errors="replace")
+        else:
+            self._handle = open(self.path, encoding="utf-8", errors="replace")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+    def _guard(self, method, *args):
+        try:
+            return method(*args)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise DataFileError(f"{self.path}: corrupt or truncated file ({error})") from error
+
+    def read(self, size=-1):
+        return self._guard(self._handle.read, size)
+
+    def readline(self):
+        return self._guard(self._handle.readline)
+
+    def __iter__(self):
+        while line := self.readline():
+            yield line
+
+
+def open_text(path) -> _TextFile:
+    return _TextFile(path)
 
 
 def protein(accession, sequence, **kw) -> dict:
+    if not isinstance(accession, str) or not isinstance(sequence, str):
+        raise TypeError(f"accession and sequence must be strings, got {type(accession).__name__} / {type(sequence).__name__}")
     p = {"accession": accession, "sequence": sequence, "name": None, "description": None, "ec": [],
          "reactions": {}, "go": {}, "keywords": [], "structure": None, "chain": None, "date": None,
          "organism": None, "source": None}
@@ -65,10 +102,15 @@ def read_yeast_function(path, stats: BuildStats = _DUMMY, source: str = "yeast_f
         if "accession" not in r or "sequence" not in r:
             stats.add("malformed:yeast_function", str(r)[:60])
             continue
-        yield protein(r["accession"], r["sequence"], name=r.get("protein_name"), description=r.get("description"),
-                      ec=list(r.get("ec") or []), reactions=dict(r.get("reactions") or {}), split=r.get("split"),
-                      organism="Saccharomyces cerevisiae", source=source, gene=r.get("gene"),
-                      orf_qualifier=r.get("orf_qualifier"), cluster=r.get("cluster"))
+        try:  # well-formed JSON with wrong field types is a malformed record, not a crash
+            p = protein(r["accession"], r["sequence"], name=r.get("protein_name"), description=r.get("description"),
+                        ec=list(r.get("ec") or []), reactions=dict(r.get("reactions") or {}), split=r.get("split"),
+                        organism="Saccharomyces cerevisiae", source=source, gene=r.get("gene"),
+                        orf_qualifier=r.get("orf_qualifier"), cluster=r.get("cluster"))
+        except (TypeError, AttributeError, ValueError):
+            stats.add("malformed:yeast_function", str(r)[:60])
+            continue
+        yield p
 
 
 def read_clean_ec(path, stats: BuildStats = _DUMMY, source: str | None = None, split: str | None = None) -> Iterator[dict]:
@@ -78,8 +120,13 @@ def read_clean_ec(path, stats: BuildStats = _DUMMY, source: str | None = None, s
         if "accession" not in r or "sequence" not in r:
             stats.add("malformed:clean_ec", str(r)[:60])
             continue
-        yield protein(r["accession"], r["sequence"], ec=list(r.get("ec") or []),
-                      reactions=dict(r.get("reactions") or {}), source=src, split=split)
+        try:
+            p = protein(r["accession"], r["sequence"], ec=list(r.get("ec") or []),
+                        reactions=dict(r.get("reactions") or {}), source=src, split=split)
+        except (TypeError, AttributeError, ValueError):
+            stats.add("malformed:clean_ec", str(r)[:60])
+            continue
+        yield p
 
 
 def read_go_jsonl(path, stats: BuildStats = _DUMMY, source: str = "fapm_go") -> Iterator[dict]:
@@ -88,10 +135,15 @@ def read_go_jsonl(path, stats: BuildStats = _DUMMY, source: str = "fapm_go") -> 
         if "accession" not in r or "sequence" not in r:
             stats.add("malformed:go", str(r)[:60])
             continue
-        go = {a: [{"id": t.get("id"), "name": t.get("name")} for t in (r.get("go") or {}).get(a, [])]
-              for a in ("MF", "BP", "CC") if (r.get("go") or {}).get(a)}
-        yield protein(r["accession"], r["sequence"], go=go, source=source, organism=r.get("organism_genus"),
-                      split=r.get("split"))
+        try:
+            go = {a: [{"id": t.get("id"), "name": t.get("name")} for t in (r.get("go") or {}).get(a, [])]
+                  for a in ("MF", "BP", "CC") if (r.get("go") or {}).get(a)}
+            p = protein(r["accession"], r["sequence"], go=go, source=source, organism=r.get("organism_genus"),
+                        split=r.get("split"))
+        except (TypeError, AttributeError, ValueError):
+            stats.add("malformed:go", str(r)[:60])
+            continue
+        yield p
 
 
 def read_enzyme_reactions(path) -> dict[str, list[str]]:
@@ -409,22 +461,35 @@ def read_uniprot_json(path, stats: BuildStats = _DUMMY, source: str | None = Non
         try:
             obj = json.loads(first + rest)
         except json.JSONDecodeError:
-            stats.add("malformed:uniprot_json", Path(path).name)
+            obj = None  # not one document (e.g. JSON Lines with a torn first line): read it line by line
+        if obj is not None:
+            entries = obj.get("results", [obj]) if isinstance(obj, dict) else obj
+            if not isinstance(entries, list):
+                stats.add("malformed:uniprot_json", Path(path).name)
+                return
+            for e in entries:
+                p = _safe_json_entry(e, src)
+                if p is None:
+                    stats.add("malformed:uniprot_json", str(e)[:60])
+                else:
+                    yield p
             return
-        entries = obj.get("results", [obj]) if isinstance(obj, dict) else obj
-        for e in entries:
-            p = _json_entry(e, src) if isinstance(e, dict) else None
-            if p is None:
-                stats.add("malformed:uniprot_json", str(e)[:60])
-            else:
-                yield p
-        return
     for e in read_jsonl(path, stats, "uniprot_json"):
-        p = _json_entry(e, src)
+        p = _safe_json_entry(e, src)
         if p is None:
             stats.add("malformed:uniprot_json", str(e)[:60])
         else:
             yield p
+
+
+def _safe_json_entry(e, src: str) -> dict | None:
+    """`_json_entry`, with None (counted as malformed) for entries whose fields have unexpected types."""
+    if not isinstance(e, dict):
+        return None
+    try:
+        return _json_entry(e, src)
+    except (TypeError, AttributeError, ValueError):
+        return None
 
 
 def _looks_jsonl(path) -> bool:
@@ -472,17 +537,27 @@ def read_instruction_file(path, stats: BuildStats = _DUMMY, task: str | None = N
     tsk = task or Path(path).stem
     with open_text(path) as fh:
         head = fh.read(64).lstrip()
+    items = None
     if head.startswith("["):
-        with open_text(path) as fh:
-            items = json.load(fh)  # a JSON list must be parsed whole; prefer JSONL for big files
-    else:
+        try:
+            with open_text(path) as fh:
+                items = json.load(fh)  # a JSON list must be parsed whole; prefer JSONL for big files
+        except json.JSONDecodeError:
+            items = None  # JSON Lines whose first line happens to start with '['
+        if items is not None and not isinstance(items, list):
+            items = [items]
+    if items is None:
         items = read_jsonl(path, stats, "instruction")
     for n, r in enumerate(items):
         if not isinstance(r, dict) or "output" not in r:
             stats.add("malformed:instruction", f"{Path(path).name}:{n}")
             continue
-        seq, rest_input = extract_sequence(r.get("input") or "")
-        instruction = (r.get("instruction") or "").strip()
+        try:
+            seq, rest_input = extract_sequence(r.get("input") or "")
+            instruction = (r.get("instruction") or "").strip()
+        except (TypeError, AttributeError):
+            stats.add("malformed:instruction", f"{Path(path).name}:{n}")
+            continue
         if seq is None:
             seq, instruction = extract_sequence(instruction)
         if seq is None:
@@ -524,16 +599,25 @@ def read_sepit_jsonl(path, coord_dir=None, stats: BuildStats = _DUMMY, source: s
             if structure is None:
                 stats.add("missing_structure", acc)
         prot = {"accession": acc, "sequence": seq, "structure": structure}
-        for k in range(0, len(conv) - 1, 2):
-            q, a = conv[k], conv[k + 1]
-            if q.get("from") not in ("human", "user") or a.get("from") not in ("gpt", "assistant"):
-                stats.add("malformed:sepit_turn", f"{acc}:{k}")
-                continue
-            text = (q.get("value") or "").replace("<protein>", "").strip()
-            ans = str(a.get("value") or "")
-            task = r.get("task") or ("yes_no" if ans.strip().lower().rstrip(".") in ("yes", "no") else "sepit")
-            yield make_record(id=f"{acc}|sepit|{n}|{k // 2}", task=task, source=src, split=r.get("split") or split,
-                              protein=prot, instruction=text, answer=ans, meta={"format": "sepit"})
+        rows = []
+        try:  # a record whose fields have the wrong types is counted as malformed as a whole
+            if not isinstance(seq, str):
+                raise TypeError("sequence is not a string")
+            for k in range(0, len(conv) - 1, 2):
+                q, a = conv[k], conv[k + 1]
+                if q.get("from") not in ("human", "user") or a.get("from") not in ("gpt", "assistant"):
+                    stats.add("malformed:sepit_turn", f"{acc}:{k}")
+                    continue
+                text = (q.get("value") or "").replace("<protein>", "").strip()
+                ans = str(a.get("value") or "")
+                task = r.get("task") or ("yes_no" if ans.strip().lower().rstrip(".") in ("yes", "no") else "sepit")
+                rows.append(make_record(id=f"{acc}|sepit|{n}|{k // 2}", task=task, source=src,
+                                        split=r.get("split") or split, protein=prot, instruction=text, answer=ans,
+                                        meta={"format": "sepit"}))
+        except (TypeError, AttributeError, ValueError):
+            stats.add("malformed:sepit", str(r)[:60])
+            continue
+        yield from rows
 
 
 # --------------------------------------------------------------------------- structures

@@ -113,17 +113,12 @@ def test_clean_sequence_accepts_policy_or_names_the_protein(sequence, index):
         return
     assert isinstance(sequence, str)
     assert cleaned and set(cleaned) <= VALID_RESIDUES
-    if _policy(sequence) is None and not all(ch.isascii() or ch.isspace() for ch in sequence):
-        CASES["clean_sequence:non_ascii_letters_accepted"] += 1  # see the xfail test below
-        return
     assert _policy(sequence) == cleaned, f"{sequence!r} accepted as {cleaned!r}, outside the documented residue policy"
 
 
 _UNICODE_CASE_TRAPS = ["ß", "ı", "ſ", "ﬃ", "ﬀ", "ﬆ", "ǰ", "ŉ"]  # letters whose str.upper() is (or contains) ASCII
 
 
-@pytest.mark.xfail(strict=True, reason="processing_protllm.clean_sequence upper-cases before validating, so non-ASCII "
-                   "letters become residues ('ß' -> 'SS', 'ı' -> 'I', 'ﬃ' -> 'FFI'); validate on the ASCII input first")
 @settings(max_examples=50, **FUZZ)
 @given(left=st.text(st.sampled_from(list("ACDEFGHIKLMNPQRSTVWY")), max_size=20), trap=st.sampled_from(_UNICODE_CASE_TRAPS),
        right=st.text(st.sampled_from(list("ACDEFGHIKLMNPQRSTVWY")), max_size=20))
@@ -472,10 +467,6 @@ def test_jsonl_readers_on_malformed_lines_count_never_crash(data, name, gz):
     _check_jsonl_reader(data, name, gz, ("good", "not_object", "torn", "junk", "blank"), "data_readers_jsonl_lines")
 
 
-@pytest.mark.xfail(strict=True, reason="data/readers.py trusts field types of well-formed JSON records: e.g. "
-                   "'reactions': [1] -> TypeError in read_yeast_function, 'conversations': [null] -> AttributeError in "
-                   "read_sepit_jsonl, 'sequence': true / 'results': null -> AttributeError/TypeError in "
-                   "read_uniprot_json; such records should be counted as malformed")
 @settings(max_examples=60, **FUZZ)
 @given(data=st.data(), name=st.sampled_from(JSONL_READERS), gz=st.booleans())
 def test_jsonl_readers_on_records_with_wrong_field_types(data, name, gz):
@@ -488,7 +479,7 @@ def _check_jsonl_reader(data, name, gz, kinds, counter):
     CASES[counter] += 1
     CASES[f"{counter}:{name}"] += 1
     lines = data.draw(malformed_jsonl(_good_lines()[name], kinds))
-    if name in ("uniprot_json", "instruction"):  # they tell JSON from JSONL by the first line: see the xfail test
+    if name in ("uniprot_json", "instruction"):  # a valid first line keeps JSON-vs-JSONL detection out of this property (tested below)
         lines.insert(0, _good_lines()[name].encode())
     payload = b"\n".join(lines) + b"\n"
     path = Path(_TMP.name) / f"fuzz_{name}.jsonl" if not gz else Path(_TMP.name) / f"fuzz_{name}.jsonl.gz"
@@ -538,10 +529,6 @@ def test_text_readers_on_random_and_truncated_files(blob, text, gz, reader):
     assert all(isinstance(p["accession"], str) and isinstance(p["sequence"], str) for p in out)
 
 
-@pytest.mark.xfail(strict=True, reason="data/readers.read_uniprot_json and read_instruction_file tell JSON from JSON "
-                   "Lines by the first line / character: a torn first line makes read_uniprot_json parse the file as one "
-                   "document, count 1 malformed and drop the valid records after it; a first line '[]' makes "
-                   "read_instruction_file raise json.JSONDecodeError ('Extra data') without the file name")
 @pytest.mark.parametrize("name, first", [("uniprot_json", None), ("instruction", "[]")])
 def test_jsonl_with_a_bad_first_line_keeps_the_valid_records(tmp_path, name, first):
     from data.builders import BuildStats
@@ -554,8 +541,6 @@ def test_jsonl_with_a_bad_first_line_keeps_the_valid_records(tmp_path, name, fir
     assert len(_run_reader(name, path, stats)) == 3 and sum(stats.counts.values()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="data/readers.open_text: a truncated .gz raises gzip's bare EOFError "
-                   "('Compressed file ended before the end-of-stream marker was reached') without the file name")
 def test_corrupt_gzip_container_is_an_error_naming_the_file(tmp_path):
     """A truncated .gz is not 'malformed records': it must fail loudly, and the message must say which file."""
     from data import readers
