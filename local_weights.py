@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+# What the packaged weights are (dequantised from Q4_1), for model cards and training records.
+LOCAL_ALIASES = {"smollm2-local": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def cache_dir() -> Path:

@@ -355,7 +355,8 @@ def evaluation_section(metrics: dict | None, model_name: str, eval_dataset: str 
         for metric in shown:
             results.append(EvalResult(
                 task_type="text-generation", task_name=f"protein {task}", dataset_type=dataset_id,
-                dataset_name=dataset_id, dataset_split=split, metric_type=metric, metric_name=metric,
+                # model-index groups results by (task type, dataset): the config keeps tasks of one file apart
+                dataset_name=dataset_id, dataset_config=task, dataset_split=split, metric_type=metric, metric_name=metric,
                 metric_value=round(float(values[metric]), 4),
             ))
         others = [p for p in ("retrieval", "most_common", f"{chosen}+shuffled_proteins") if p in predictors]

@@ -110,6 +110,13 @@ def resolve_language_model(name: str) -> str:
     return name
 
 
+def _hub_name(name):
+    """The Hub id a local alias stands for (its provenance on cards), else the name as given."""
+    from local_weights import LOCAL_ALIASES
+
+    return LOCAL_ALIASES.get(name, name)
+
+
 def build_model(recipe: dict, args):
     """Build (or load) the ProtLLM and its processor named by the recipe."""
     from modeling_protllm import ProtLLMForConditionalGeneration
@@ -405,7 +412,7 @@ def main(argv=None) -> int:
         shutil.rmtree(final)
     save_model_folder(model, processor, final)
     training_record = {"recipe": recipe.get("recipe", Path(args.config).stem), "config_file": str(args.config),
-                       "language_model": (recipe.get("model") or {}).get("language_model"),
+                       "language_model": _hub_name((recipe.get("model") or {}).get("language_model")),
                        "protein_encoder": (recipe.get("model") or {}).get("protein_encoder"),
                        "datasets": [data.get("train", "demo")], "seed": recipe.get("seed", 0),
                        "stages": [{**{k: v for k, v in s.items() if k != "training"}, **(s.get("training") or {})} for s in stages],

@@ -127,7 +127,8 @@ def test_card_metadata_and_sections(shared):
     results = data["model-index"][0]["results"]
     values = {m["type"]: m["value"] for r in results for m in r["metrics"]}
     assert values == {"rougeL": 0.31, "bleu4": 0.12}
-    assert results[0]["dataset"] == {"name": "yeast_function", "type": "yeast_function", "split": "test"}
+    assert results[0]["dataset"] == {"name": "yeast_function", "type": "yeast_function", "split": "test",
+                                     "config": "function_text"}
     text = card.text
     for needle in ("## Training", "Stage `align`", "Stage `instruct`", "`lora_r` | 8", "## Evaluation",
                    "retrieval (MMseqs2 nearest neighbour)", "this model, shuffled proteins", "## Limitations",
@@ -404,3 +405,20 @@ def test_adapter_without_projector_weights_is_refused(lora, tmp_path):
     save_file({k: v for k, v in weights.items() if ".projector." not in k}, copy / "adapter_model.safetensors")
     with pytest.raises(sharing.ModelFolderError, match="projector weights"):
         sharing.push_adapter(copy, "me/tiny-lora")
+
+
+def test_model_index_keeps_tasks_of_one_evaluation_file_apart():
+    """Regression: two tasks evaluated on one file were merged into a single model-index entry."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    def result(metric, value):
+        return {"primary": metric, "family": "text" if metric == "rougeL" else "yes_no",
+                "metrics": {metric: {"value": value, "ci_low": value, "ci_high": value}}, "counts": {"n_examples": 4}}
+
+    metrics = {"header": {"data": "data/demo/test.jsonl"}, "tasks": {
+        "protein_name": {"predictors": {"model": result("rougeL", 0.1)}},
+        "yes_no": {"predictors": {"model": result("accuracy", 0.5)}}}}
+    results, _ = sharing.evaluation_section(metrics, "model", model_predictor="model")
+    index = eval_results_to_model_index("model", results)[0]["results"]
+    assert [entry["task"]["name"] for entry in index] == ["protein protein_name", "protein yes_no"]
+    assert [[m["type"] for m in entry["metrics"]] for entry in index] == [["rougeL"], ["accuracy"]]
