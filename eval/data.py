@@ -63,23 +63,13 @@ def canonical_task(task: str) -> str:
 
 
 def read_jsonl(path) -> tuple[list[dict], int]:
-    """Rows of a JSONL file and the number of lines that were not valid JSON objects (skipped)."""
-    rows, bad = [], 0
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-            else:
-                bad += 1
-    return rows, bad
+    """Rows of a JSONL file (plain or .gz) and the number of lines that were not valid JSON objects (skipped)."""
+    from data.builders import BuildStats
+    from data.readers import read_jsonl as stream_jsonl
+
+    stats = BuildStats()
+    rows = list(stream_jsonl(path, stats, "eval"))
+    return rows, sum(stats.counts.values())
 
 
 def _meta(row) -> dict:
