@@ -8,6 +8,7 @@ R = T - 2 residue positions, B text rows, S text length, D_p encoder width, D LL
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,28 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.models.esm.modeling_esm import EsmModel
+from transformers.utils.import_utils import torch_compilable_check
 
 try:
     from .configuration_protllm import ProtLLMConfig
-    from .moe_protllm import ProtLLMSparseMoeBlock, active_parameter_count, moe_blocks, upcycle_feed_forward_blocks
+    from .moe_protllm import (
+        ProtLLMMoeRouting,
+        ProtLLMSparseMoeBlock,
+        checkpoint_returning_router_logits,
+        decoder_layers,
+        moe_blocks,
+        upcycle_feed_forward_blocks,
+    )
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
     from configuration_protllm import ProtLLMConfig
-    from moe_protllm import ProtLLMSparseMoeBlock, active_parameter_count, moe_blocks, upcycle_feed_forward_blocks
+    from moe_protllm import (
+        ProtLLMMoeRouting,
+        ProtLLMSparseMoeBlock,
+        checkpoint_returning_router_logits,
+        decoder_layers,
+        moe_blocks,
+        upcycle_feed_forward_blocks,
+    )
 
 
 PROTEIN_INPUT_KEYS = (
@@ -76,8 +92,9 @@ class ProtLLMGaussianKernels(nn.Module):
             self.log_stds.fill_(math.log(max(spacing, 0.5)))
 
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
-        stds = self.log_stds.exp()
-        z = (distances.unsqueeze(-1) - self.means) / stds
+        # In the distances' dtype (fp32 from the structure bias): bf16 means/stds would shift kernels of width 0.5 A.
+        stds = self.log_stds.to(distances.dtype).exp()
+        z = (distances.unsqueeze(-1) - self.means.to(distances.dtype)) / stds
         return torch.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * stds)
 
 
@@ -88,6 +105,10 @@ class ProtLLMStructureBias(nn.Module):
 
     Residues without coordinates get no bias and no edge term. The L x L pair map is processed in chunks of
     query rows (re-computed in backward), so memory beyond the bias itself is `chunk x L x num_kernels`.
+
+    Distances, kernels and the small pair MLP always run in fp32, whatever the model dtype: `cdist` has no
+    bf16/fp16 kernel, and bf16 coordinates of 60-100 A are off by up to 0.5 A, as wide as a kernel. Only the
+    finished bias and residue term are cast to the encoder's dtype.
     """
 
     def __init__(self, num_kernels: int, num_heads: int, hidden_size: int, embedding_scale: float, chunk_size: int):
@@ -100,22 +121,27 @@ class ProtLLMStructureBias(nn.Module):
         self.num_heads = num_heads
 
     def _chunk(self, ca_rows, ca, mask_rows, mask):
-        # Exact differences, not cdist's default |a|^2+|b|^2-2ab matrix product: that one is off by ~0.05 A at d=0
-        # for PDB-scale coordinates (|x| ~ 100 A) and by ~0.35 A after a 500 A translation (bias not translation-invariant).
-        distances = torch.cdist(ca_rows, ca, compute_mode="donot_use_mm_for_euclid_dist")  # (P, c, T)
-        pair_mask = (mask_rows.unsqueeze(-1) & mask.unsqueeze(-2)).unsqueeze(-1)  # (P, c, T, 1)
-        features = self.kernels(distances) * pair_mask  # (P, c, T, K)
-        bias = self.pair_mlp(features) * pair_mask  # (P, c, T, H)
+        """fp32 throughout (autocast off): `(P, c, 3)` rows against `(P, T, 3)` -> `(P, H, c, T)`, `(P, c, K)`."""
+        with torch.autocast(ca.device.type, enabled=False):
+            # Exact differences, not cdist's default |a|^2+|b|^2-2ab matrix product: that one is off by ~0.05 A at d=0
+            # for PDB-scale coordinates (|x| ~ 100 A) and by ~0.35 A after a 500 A translation (bias not translation-invariant).
+            distances = torch.cdist(ca_rows, ca, compute_mode="donot_use_mm_for_euclid_dist")  # (P, c, T)
+            pair_mask = (mask_rows.unsqueeze(-1) & mask.unsqueeze(-2)).unsqueeze(-1)  # (P, c, T, 1)
+            features = self.kernels(distances) * pair_mask  # (P, c, T, K)
+            linear_1, linear_2 = self.pair_mlp[0], self.pair_mlp[2]
+            hidden = F.gelu(F.linear(features, linear_1.weight.float(), linear_1.bias.float()))
+            bias = F.linear(hidden, linear_2.weight.float(), linear_2.bias.float()) * pair_mask  # (P, c, T, H)
         return bias.permute(0, 3, 1, 2), features.sum(dim=2)  # (P, H, c, T), (P, c, K)
 
-    def forward(self, ca_coords: torch.Tensor, coord_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`ca_coords` `(P, T, 3)`, `coord_mask` `(P, T)` bool -> bias `(P, H, T, T)`, residue term `(P, T, D_p)`."""
+    def forward(self, ca_coords: torch.Tensor, coord_mask: torch.Tensor, dtype: torch.dtype | None = None):
+        """`ca_coords` `(P, T, 3)`, `coord_mask` `(P, T)` bool -> bias `(P, H, T, T)` and residue term `(P, T, D_p)`,
+        both in `dtype` (default: the module's parameter dtype), computed in fp32."""
+        dtype = dtype or self.edge_proj.weight.dtype
+        ca_coords = ca_coords.float()
         ca_coords = torch.where(coord_mask.unsqueeze(-1), ca_coords, torch.zeros_like(ca_coords))
-        dtype = self.edge_proj.weight.dtype
-        ca_coords = ca_coords.to(dtype)
         num_proteins, num_tokens = coord_mask.shape
-        # Chunks are written into one preallocated bias: no list + torch.cat copy of the H x T x T tensor.
-        bias = ca_coords.new_empty(num_proteins, self.num_heads, num_tokens, num_tokens)
+        # Chunks are written (and cast) into one preallocated bias: no list + torch.cat copy of the H x T x T tensor.
+        bias = ca_coords.new_empty(num_proteins, self.num_heads, num_tokens, num_tokens, dtype=dtype)
         edge_sums = []
         for start in range(0, num_tokens, self.chunk_size):
             rows = slice(start, start + self.chunk_size)
@@ -126,9 +152,11 @@ class ProtLLMStructureBias(nn.Module):
                 chunk_bias, edge_sum = self._chunk(*args)
             bias[:, :, rows] = chunk_bias
             edge_sums.append(edge_sum)
-        residue_term = self.edge_proj(torch.cat(edge_sums, dim=1)) * self.embedding_scale
-        residue_term = residue_term * coord_mask.unsqueeze(-1).to(residue_term.dtype)
-        return bias, residue_term
+        with torch.autocast(ca_coords.device.type, enabled=False):
+            edge_features = torch.cat(edge_sums, dim=1)  # (P, T, K) fp32
+            residue_term = F.linear(edge_features, self.edge_proj.weight.float(), self.edge_proj.bias.float())
+            residue_term = residue_term * self.embedding_scale * coord_mask.unsqueeze(-1).float()
+        return bias, residue_term.to(dtype)
 
 
 class ProtLLMProteinEncoder(nn.Module):
@@ -144,6 +172,7 @@ class ProtLLMProteinEncoder(nn.Module):
         self.config = config
         protein_config = config.protein_config
         self.backend = config.protein_encoder_backend
+        config.route_protein_attn_implementation()  # the structure bias needs eager/sdpa, never flash
         if self.backend == "esm":
             self.esm = EsmModel(protein_config, add_pooling_layer=False)
         else:
@@ -200,20 +229,19 @@ class ProtLLMProteinEncoder(nn.Module):
 
     def _esm_forward(self, input_ids, attention_mask, coords, coord_mask):
         layer = self._feature_layer_index()
+        # Layer -1 is `last_hidden_state` (after emb_layer_norm_after); any other layer is selected by index, so
+        # transformers' output capture keeps that one hidden state instead of all num_layers + 1 of them.
         want_hidden = layer != self.num_layers
         embeddings = self.esm.embeddings(input_ids=input_ids, attention_mask=attention_mask)
         mask = attention_mask
         if self.structure_bias is not None and coords is not None:
             token_ca, token_mask = self._token_level_ca(coords, coord_mask, input_ids.shape[1])
-            if self.training and self.config.structure_dropout > 0:
-                keep = torch.rand(token_mask.shape[0], 1, device=token_mask.device) >= self.config.structure_dropout
-                token_mask = token_mask & keep
-            bias, residue_term = self.structure_bias(token_ca, token_mask)
-            embeddings = embeddings + residue_term.to(embeddings.dtype)
+            bias, residue_term = self.structure_bias(token_ca, token_mask, dtype=embeddings.dtype)
+            embeddings = embeddings + residue_term
             # A prepared 4D float mask is passed through by EsmModel unchanged: padding + per-head bias.
             padding = (1.0 - attention_mask[:, None, None, :].to(bias.dtype)) * torch.finfo(bias.dtype).min
-            mask = bias.add_(padding).to(embeddings.dtype)  # in place: one H x T x T tensor, not two
-        outputs = self.esm(inputs_embeds=embeddings, attention_mask=mask, output_hidden_states=want_hidden)
+            mask = bias.add_(padding)  # in place: one H x T x T tensor, not two
+        outputs = self.esm(inputs_embeds=embeddings, attention_mask=mask, output_hidden_states=[layer] if want_hidden else False)
         return outputs.hidden_states[layer] if want_hidden else outputs.last_hidden_state
 
     @staticmethod
@@ -317,6 +345,34 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    def _set_gradient_checkpointing(self, *args, **kwargs):
+        super()._set_gradient_checkpointing(*args, **kwargs)
+        # MoE decoder layers return their router logits through the checkpointed function (re-entrant safe).
+        language_model = getattr(self, "model", self).language_model
+        if not self.config.moe_num_experts:
+            return
+        for layer in decoder_layers(language_model):
+            function = layer.__dict__.get("_gradient_checkpointing_func")
+            if isinstance(layer.mlp, ProtLLMSparseMoeBlock) and function is not None and not getattr(function, "protllm_moe_wrapped", False):
+                layer._gradient_checkpointing_func = checkpoint_returning_router_logits(function, layer.mlp)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs):
+        # With the structure bias the encoder must stay on eager/sdpa: route the request before transformers checks
+        # (and, for flash, imports) it for the encoder.
+        if self.config.use_structure_bias:
+            requested = attn_implementation if isinstance(attn_implementation, dict) else {"": attn_implementation}
+            default = requested.get("", self.config._attn_implementation)
+            for_encoder = requested.get("protein_config", default)
+            if for_encoder not in (None, "eager", "sdpa"):
+                self.config.protein_config._attn_implementation = for_encoder
+                requested = {
+                    "": default,
+                    "text_config": requested.get("text_config", default),
+                    "protein_config": self.config.route_protein_attn_implementation(),
+                }
+                attn_implementation = requested
+        return super().set_attn_implementation(attn_implementation, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # Rebuild what the generic initialiser does not know (meta-device init leaves it uninitialised).
@@ -416,6 +472,11 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
         else:
             if protein_attention_mask is None:
                 protein_attention_mask = torch.ones_like(protein_input_ids)
+            if self.training and self.config.use_structure_bias and protein_coord_mask is not None and self.config.structure_dropout > 0:
+                # SEPIT's structure dropout: a protein loses its whole structure at random, so the model also learns
+                # sequence-only inputs. Decided by the ProtLLM's training mode: a frozen encoder stays in eval mode.
+                keep = torch.rand(protein_coord_mask.shape[0], 1, device=protein_coord_mask.device) >= self.config.structure_dropout
+                protein_coord_mask = protein_coord_mask.bool() & keep
             residue_states, residue_mask = self.protein_encoder(
                 protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask
             )
@@ -474,26 +535,41 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
                 protein_embeds, protein_embeds_mask,
             )
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, protein_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, protein_features.to(inputs_embeds.dtype))
-        elif input_ids is not None and self.config.protein_token_id is not None:
-            num_placeholders = int((input_ids == self.config.protein_token_id).sum())
-            if num_placeholders:
-                raise ValueError(f"input_ids hold {num_placeholders} <protein> placeholder tokens but no protein inputs were given")
+            # Device too, not only dtype: with a device_map the encoder and the LLM embeddings may sit apart.
+            protein_features = protein_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, protein_features)
+        elif input_ids is not None and self.config.protein_token_id is not None and not _is_decode_step(past_key_values):
+            # Prefill only: a decode step's input is the previous output token, which carries no protein.
+            protein_token_id = self.config.protein_token_id
+            torch_compilable_check(
+                ~(input_ids == protein_token_id).any(),
+                lambda: f"input_ids hold {int((input_ids == protein_token_id).sum())} <protein> placeholder tokens "
+                "but no protein inputs were given",
+            )
 
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        routing = None
+        blocks = moe_blocks(self.language_model) if self.config.moe_num_experts else []
+        if blocks:
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                # Padding takes no expert capacity; with a cache the mask also spans the past tokens.
+                token_mask = attention_mask[:, -inputs_embeds.shape[1]:].bool()
+            routing = ProtLLMMoeRouting(token_mask)
+        with _moe_routing(blocks, routing):
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
         router_logits = None
-        if self.config.moe_num_experts:
+        if routing is not None:
             if output_router_logits is None:
                 output_router_logits = getattr(self.config.text_config, "output_router_logits", False)
             if output_router_logits:
-                router_logits = tuple(block.last_router_logits for block in moe_blocks(self.language_model))
+                router_logits = tuple(routing.router_logits)
         return ProtLLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
@@ -502,6 +578,22 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
             router_logits=router_logits,
             protein_features=protein_features,
         )
+
+
+def _is_decode_step(past_key_values) -> bool:
+    return past_key_values is not None and past_key_values.get_seq_length() > 0
+
+
+@contextmanager
+def _moe_routing(blocks, routing):
+    """Install one forward's routing state (token mask, router-logit list) on the MoE blocks for its duration."""
+    for block in blocks:
+        block.routing = routing
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.routing = None
 
 
 class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
@@ -581,7 +673,15 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         if outputs.router_logits is not None:
             aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask)
             if loss is not None:
-                loss = loss + self.config.moe_router_aux_loss_coef * aux_loss.to(loss.device)
+                aux_term = self.config.moe_router_aux_loss_coef * aux_loss.to(loss.device)
+                if num_items_in_batch is not None:
+                    # The LM loss is then a sum over this micro-batch divided by the label count of all micro-batches
+                    # and processes, which Trainer neither divides by the accumulation steps nor averages over the
+                    # world size. Weight the (mean) balancing loss by this micro-batch's share of those labels, so the
+                    # step optimises the label-weighted mean balancing loss instead of accumulation_steps x world_size x it.
+                    local_items = (labels[..., 1:] != -100).sum().to(loss.device)
+                    aux_term = aux_term * local_items / torch.as_tensor(num_items_in_batch, device=loss.device)
+                loss = loss + aux_term
         return ProtLLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -600,6 +700,15 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
             attention_mask = None  # cached decoding: the router saw only the new tokens
         return load_balancing_loss_func(router_logits, self.config.moe_num_experts, self.config.moe_top_k, attention_mask)
 
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        # A generated <protein> would be a placeholder with no protein behind it: never emit the protein tokens.
+        protein_ids = [self.config.protein_token_id, self.config.protein_start_token_id, self.config.protein_end_token_id]
+        suppressed = list(generation_config.suppress_tokens or [])
+        suppressed += [token_id for token_id in protein_ids if token_id is not None and token_id not in suppressed]
+        generation_config.suppress_tokens = suppressed or None
+        return generation_config, model_kwargs
+
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         # Protein inputs are consumed by the prefill; the cached decode steps have no placeholders.
@@ -607,139 +716,6 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
             for key in PROTEIN_INPUT_KEYS:
                 model_inputs.pop(key, None)
         return model_inputs
-
-    # ----- building and converting ------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained_components(
-        cls,
-        language_model: str,
-        protein_encoder: str | None = None,
-        protein_config=None,
-        processor_kwargs: dict | None = None,
-        dtype=None,
-        **config_kwargs,
-    ):
-        """Build a ProtLLM from a pretrained causal LLM and a pretrained protein encoder (Hub names or local paths).
-
-        `protein_encoder`: an ESM-2 / SaProt checkpoint (transformers format; fair-esm names such as
-        `esm2_t33_650M_UR50D` with `protein_encoder_backend="fair-esm"`), or None for a randomly initialised
-        encoder of shape `protein_config`. The `<protein>` and protein-boundary tokens are added to the LLM
-        tokenizer and the embeddings resized (new rows initialised to the mean embedding).
-
-        Returns `(model, processor)`.
-        """
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            from .processing_protllm import ProtLLMProcessor, build_protein_tokenizer
-        except ImportError:
-            from processing_protllm import ProtLLMProcessor, build_protein_tokenizer
-
-        backend = config_kwargs.get("protein_encoder_backend", "esm")
-        encoder_input = config_kwargs.get("protein_encoder_input", "sequence")
-        llm_kwargs = {"gguf_file": config_kwargs.pop("gguf_file")} if "gguf_file" in config_kwargs else {}
-        llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=dtype, **llm_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(language_model, **llm_kwargs)
-
-        encoder_module = None
-        if protein_encoder is not None and backend == "fair-esm":
-            encoder_module, protein_config = _load_fair_esm(protein_encoder)
-            protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
-        elif protein_encoder is not None:
-            protein_config = AutoConfig.from_pretrained(protein_encoder)
-            encoder_module = EsmModel.from_pretrained(protein_encoder, add_pooling_layer=False, dtype=dtype)
-            protein_tokenizer = AutoTokenizer.from_pretrained(protein_encoder)
-        else:
-            protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
-
-        processor = ProtLLMProcessor.from_tokenizers(tokenizer, protein_tokenizer, **(processor_kwargs or {}))
-        if len(processor.tokenizer) > llm.config.vocab_size:
-            llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
-
-        config = ProtLLMConfig(
-            protein_config=protein_config,
-            text_config=llm.config,
-            protein_token_id=processor.protein_token_id,
-            **config_kwargs,
-        )
-        processor.num_query_tokens = config.num_query_tokens if config.projector_type == "resampler" else None
-        processor.max_protein_length = config.max_protein_length
-        processor.protein_encoder_input = config.protein_encoder_input
-        model = cls(config)
-        model.model.language_model.load_state_dict(llm.model.state_dict() if hasattr(llm, "model") else llm.base_model.state_dict())
-        if not config.tie_word_embeddings:
-            model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
-        if encoder_module is not None:
-            model.model.protein_encoder.esm.load_state_dict(encoder_module.state_dict(), strict=False)
-        model.model.protein_encoder.set_frozen(config.freeze_protein_encoder)
-        if dtype is not None:
-            model = model.to(dtype)
-        model.tie_weights()
-        return model, processor
-
-    # ----- MoE -------------------------------------------------------------------------------------------
-
-    def upcycle_to_moe(self, num_experts: int = 4, top_k: int = 1, capacity_factor: float = 1.25,
-                       eval_capacity_factor: float | None = 2.0, router_aux_loss_coef: float = 0.01):
-        """SEPIT stage 2: every LLM feed-forward block becomes `num_experts` copies of itself behind a router."""
-        if self.config.moe_num_experts:
-            raise ValueError("this ProtLLM is already a mixture of experts")
-        self.config.moe_num_experts = num_experts
-        self.config.moe_top_k = top_k
-        self.config.moe_capacity_factor = capacity_factor
-        self.config.moe_eval_capacity_factor = eval_capacity_factor
-        self.config.moe_router_aux_loss_coef = router_aux_loss_coef
-        self.config.validate()
-        self.config._mirror_moe_settings_to_text_config()
-        self.model._upcycle(self.config)
-        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
-        for block in moe_blocks(self):
-            nn.init.normal_(block.router.weight, std=self.config.text_config.initializer_range)
-            block.router.to(device=device, dtype=dtype)
-            block.train(self.training)  # new modules start in training mode: an eval model must not apply training capacity
-        return self
-
-    def parameter_counts(self) -> dict[str, int]:
-        """Total and per-token active parameters, per part."""
-        encoder = sum(p.numel() for p in self.model.protein_encoder.parameters())
-        projector = sum(p.numel() for p in self.model.projector.parameters())
-        llm_total = sum(p.numel() for p in self.model.language_model.parameters())
-        head = 0 if self.config.tie_word_embeddings else self.lm_head.weight.numel()
-        llm_active = active_parameter_count(self.model.language_model)
-        return {
-            "protein_encoder": encoder,
-            "projector": projector,
-            "language_model": llm_total + head,
-            "language_model_active_per_token": llm_active + head,
-            "total": encoder + projector + llm_total + head,
-        }
-
-
-def _load_fair_esm(name_or_path: str):
-    """A pretrained fair-esm ESM2 (hub name such as `esm2_t33_650M_UR50D` or a local .pt) and its EsmConfig."""
-    try:
-        import esm
-    except ImportError as error:
-        raise ImportError("protein_encoder_backend='fair-esm' needs the fair-esm package: pip install fair-esm") from error
-    from transformers import EsmConfig
-
-    if name_or_path.endswith(".pt"):
-        module, _ = esm.pretrained.load_model_and_alphabet_local(name_or_path)
-    else:
-        module, _ = esm.pretrained.load_model_and_alphabet_hub(name_or_path)
-    config = EsmConfig(
-        vocab_size=33,
-        hidden_size=module.embed_dim,
-        num_hidden_layers=module.num_layers,
-        num_attention_heads=module.attention_heads,
-        intermediate_size=4 * module.embed_dim,
-        position_embedding_type="rotary",
-        token_dropout=module.token_dropout,
-        pad_token_id=1,
-        mask_token_id=32,
-    )
-    return module, config
 
 
 __all__ = [

@@ -41,7 +41,7 @@ def bench_generation(args):
         pred._load()
         model, proc = pred._model, pred._proc
     else:
-        from tiny_protllm import build_tiny_protllm
+        from protllm.testing import build_tiny_protllm
 
         model, proc = build_tiny_protllm("llama", seed=0)
     p = ModelPredictor("bench", model=model, processor=proc, max_new_tokens=args.max_new_tokens)

@@ -18,8 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from tiny_protllm import build_tiny_protllm, tiny_protein_config  # noqa: E402
-from training import FeatureCache, ProtLLMDataCollator, make_sft_trainer  # noqa: E402
+from protllm.testing import build_tiny_protllm, tiny_protein_config  # noqa: E402
+from protllm.training.collator import ProtLLMDataCollator  # noqa: E402
+from protllm.training.feature_cache import FeatureCache  # noqa: E402
+from protllm.training.trainers import make_sft_trainer  # noqa: E402
 
 
 def steps_per_second(model, processor, rows, collator, steps, batch, output_dir):

@@ -54,13 +54,24 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def require_shared_data() -> Path:
+    """The real data, read in place. Missing data is a failure that says where it was looked for, never a silent
+    skip: the tests that need it are the ones that check real shapes."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real data directory not found: {SHARED_DATA} (the tests read ../shared/data beside the "
+                    "repository; set PROTLLM_SHARED_DATA to its location)", pytrace=False)
+    return SHARED_DATA
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data directory not found: {SHARED_DATA}")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long checks at real model widths; deselect with -m 'not slow'")

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fresh_process import run_fresh_python
-from model_folder import REMOTE_CODE_FILES, save_model_folder
+from protllm.model_folder import REMOTE_CODE_FILES, save_model_folder
 from processing_protllm import ProteinInputError
-from tiny_protllm import build_tiny_protllm
+from protllm.testing import build_tiny_protllm
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MSDNGPQNQRNAPRITFGGPSDSTGSNQNGERSGARSKQRRPQGLPNNTASWFTALTQHGK", "MALWMRLLPLLALLALWGPDPAAA"]
 QUESTION = "What is the function of this protein?"
@@ -134,12 +134,28 @@ def test_cached_generation_equals_uncached(llama):
     assert torch.equal(cached, uncached)
 
 
-def test_generation_depends_on_the_protein(llama):
-    model, processor = llama
-    a = generation_inputs(processor, chat(SEQS[0]))
-    b = generation_inputs(processor, chat(SEQS[0][::-1]))
+def test_generation_depends_on_the_protein():
+    """A few steps of training on two proteins with two different answers: the model must give each protein its own
+    answer. A model that ignores the protein (the failure this project had) can produce at most one of them."""
+    from protllm.training.collator import ProtLLMDataCollator
+
+    model, processor = build_tiny_protllm("llama", projector_type="mlp2x_gelu", seed=3)
+    answers = {SEQS[0]: "Kinase.", SEQS[2]: "Secreted toxin."}
+    rows = [{"messages": chat(sequence, answer=answer)} for sequence, answer in answers.items()]
+    batch = ProtLLMDataCollator(processor)(rows)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    inputs = generation_inputs(processor, [chat(sequence) for sequence in answers])
     with torch.no_grad():
-        assert not torch.allclose(model(**a).logits[:, -1], model(**b).logits[:, -1])
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    generated = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [g.strip() for g in generated] == list(answers.values())
 
 
 # ----- processor ---------------------------------------------------------------------------------------------
@@ -163,15 +179,31 @@ def test_resampler_emits_a_fixed_number_of_tokens():
 
 
 def test_several_proteins_in_one_prompt(llama):
+    """Two proteins in one prompt (and a second conversation in the batch): each placeholder span carries its own
+    protein's features, so the answer depends on each protein, and on nothing of the other conversation."""
     model, processor = llama
-    messages = [{"role": "user", "content": [
-        {"type": "protein", "sequence": SEQS[0]}, {"type": "protein", "sequence": SEQS[2]},
-        {"type": "text", "text": "Do these two proteins interact?"}]}]
-    inputs = generation_inputs(processor, [messages, chat(SEQS[1])])
+
+    def two_proteins(first, second):
+        return [{"role": "user", "content": [
+            {"type": "protein", "sequence": first}, {"type": "protein", "sequence": second},
+            {"type": "text", "text": "Do these two proteins interact?"}]}]
+
+    inputs = generation_inputs(processor, [two_proteins(SEQS[0], SEQS[2]), chat(SEQS[1])])
     assert inputs["protein_input_ids"].shape[0] == 3
     assert int((inputs["input_ids"] == processor.protein_token_id).sum()) == sum(len(s) for s in SEQS)
     with torch.no_grad():
-        model(**inputs)
+        reference = model(**inputs).logits[:, -1]
+        # The embeddings at the placeholders are exactly each protein's own projected features, in order.
+        features = [model.model.get_protein_features(**{k: v[i : i + 1] for k, v in inputs.items() if k.startswith("protein_")})
+                    for i in range(3)]
+        embeds = model.model.get_input_embeddings()(inputs["input_ids"])
+        placeholder = inputs["input_ids"] == processor.protein_token_id
+        scattered = embeds.masked_scatter(placeholder.unsqueeze(-1), torch.cat(features))
+        assert torch.equal(scattered[placeholder], torch.cat(features))
+        for changed in (two_proteins(SEQS[0][::-1], SEQS[2]), two_proteins(SEQS[0], SEQS[2][::-1])):
+            logits = model(**generation_inputs(processor, [changed, chat(SEQS[1])])).logits[:, -1]
+            assert not torch.allclose(logits[0], reference[0], atol=1e-5)  # each protein matters to its row
+            torch.testing.assert_close(logits[1], reference[1])  # and to no other row
 
 
 def test_assistant_mask_covers_exactly_the_answer(llama):

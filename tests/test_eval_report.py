@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared_data
 from eval.__main__ import main
 from eval.data import holdout_split, load_examples
 from eval.report import TaskScorer, score_predictor
@@ -84,9 +84,7 @@ def test_scorer_handles_no_examples_and_all_none():
 
 
 def test_raw_files_are_read_directly():
-    y = SHARED_DATA / "function" / "yeast_function.jsonl"
-    if not y.exists():
-        pytest.skip("shared data not available")
+    y = require_shared_data() / "function" / "yeast_function.jsonl"
     st = {}
     ex = load_examples(y, "function_text", split="test", stats=st)
     assert st["examples"] == 608 and ex[0]["reference"] and ex[0]["proteins"][0]["sequence"]
@@ -103,9 +101,7 @@ def test_raw_files_are_read_directly():
 
 @pytest.mark.skipif(shutil.which("mmseqs") is None, reason="mmseqs2 not installed")
 def test_cli_baselines_on_real_data_with_identity_bins(tmp_path):
-    y = SHARED_DATA / "function" / "yeast_function.jsonl"
-    if not y.exists():
-        pytest.skip("shared data not available")
+    y = require_shared_data() / "function" / "yeast_function.jsonl"
     go = SHARED_DATA / "go" / "fapm_val.jsonl"
     out = tmp_path / "go"
     assert main(["--data", str(go), "--task", "go", "--holdout", "0.2", "--limit", "12", "--predictor", "retrieval",

@@ -14,8 +14,12 @@ import yaml
 from safetensors.torch import load_file
 
 import train_sft
-from tiny_protllm import build_tiny_protllm
-from training import FeatureCache, ProtLLMDataCollator, encoder_fingerprint, make_sft_trainer
+from protllm.testing import build_tiny_protllm
+from protllm.training.collator import ProtLLMDataCollator
+from protllm.training.feature_cache import FeatureCache, encoder_fingerprint
+from protllm.training.trainers import make_sft_trainer
+from protllm.building import build_from_recipe, model_parameter_counts, upcycle_to_moe
+from protllm.training.recipe import RecipeError, load_recipe, validate_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,12 +64,11 @@ def losses(output_dir: Path, stage: str):
 
 @pytest.mark.parametrize("name", ["stella", "sepit", "demo"])
 def test_paper_recipes_parse_and_build_with_tiny_sizes(name):
-    recipe = train_sft.load_recipe(REPO / "configs" / f"{name}.yaml")
+    recipe = load_recipe(REPO / "configs" / f"{name}.yaml")
     for stage in recipe["stages"]:
         args = train_sft.stage_training_args(recipe, stage, Path("/tmp/unused"), ["--bf16", "false"])
         assert args.output_dir.endswith(f"stages/{stage['name']}/trainer")
-    cli, _ = train_sft.parse_args(["--config", "x", "--tiny", "llama"])
-    model, processor = train_sft.build_model(recipe, cli)
+    model, processor = build_from_recipe(recipe["model"], tiny="llama")
     wanted = recipe["model"]["config"]
     assert model.config.projector_type == wanted["projector_type"]
     assert model.config.use_structure_bias == wanted.get("use_structure_bias", False)
@@ -75,14 +78,14 @@ def test_paper_recipes_parse_and_build_with_tiny_sizes(name):
 def test_unknown_stage_and_unknown_training_field_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"stages": [{"name": "pretrain"}]}))
-    with pytest.raises(ValueError, match="unknown stage 'pretrain'"):
-        train_sft.load_recipe(bad)
-    recipe = train_sft.load_recipe(REPO / "configs" / "demo.yaml")
+    with pytest.raises(RecipeError, match="unknown stage `stages.0..name: pretrain`"):
+        load_recipe(bad)
+    recipe = load_recipe(REPO / "configs" / "demo.yaml")
     with pytest.raises(ValueError, match="no_such_field"):
         train_sft.stage_training_args(recipe, recipe["stages"][1], tmp_path, ["--no_such_field", "1"])
     bad_recipe = {**recipe, "training": {"warmup_ratio": 0.1}}
-    with pytest.raises(ValueError, match=r"\['warmup_ratio'\] are not SFTConfig fields"):
-        train_sft.stage_training_args(bad_recipe, recipe["stages"][1], tmp_path, [])
+    with pytest.raises(RecipeError, match="unknown recipe key `training.warmup_ratio`"):
+        validate_recipe(bad_recipe)
 
 
 # ----- every stage on real data -------------------------------------------------------------------------------
@@ -203,12 +206,12 @@ def test_upcycled_moe_equals_dense_at_start_and_keeps_active_parameters():
     inputs = processor(text="<protein> what is it?", proteins=["MKTAYIAKQR"], return_tensors="pt")
     with torch.no_grad():
         dense = model(**inputs).logits
-    dense_counts = model.parameter_counts()
-    model.upcycle_to_moe(num_experts=4, top_k=1, eval_capacity_factor=None)
+    dense_counts = model_parameter_counts(model)
+    upcycle_to_moe(model, num_experts=4, top_k=1, eval_capacity_factor=None)
     with torch.no_grad():
         moe = model(**inputs).logits
     assert torch.allclose(dense, moe, atol=1e-5)
-    counts = model.parameter_counts()
+    counts = model_parameter_counts(model)
     router = sum(b.router.weight.numel() for b in model.modules() if type(b).__name__ == "ProtLLMSparseMoeBlock")
     assert counts["language_model_active_per_token"] == dense_counts["language_model"] + router
     one_expert = sum(sum(p.numel() for p in b.experts[0].parameters()) for b in model.modules()
@@ -221,7 +224,7 @@ def test_router_loss_reaches_the_gradient_under_sft_trainer(tmp_path, fused):
     from trl import SFTConfig
 
     model, processor = build_tiny_protllm("llama")
-    model.upcycle_to_moe(num_experts=4, top_k=1, router_aux_loss_coef=0.5)
+    upcycle_to_moe(model, num_experts=4, top_k=1, router_aux_loss_coef=0.5)
     model.train()
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False,
                      dataset_kwargs={"skip_prepare_dataset": True}, gradient_checkpointing=False, bf16=False)
@@ -256,10 +259,10 @@ def test_router_loss_reaches_the_gradient_under_sft_trainer(tmp_path, fused):
 
 def test_moe_model_round_trips_through_auto_classes(tmp_path):
     from fresh_process import run_fresh_python
-    from model_folder import save_model_folder
+    from protllm.model_folder import save_model_folder
 
     model, processor = build_tiny_protllm("llama")
-    model.upcycle_to_moe(num_experts=4, top_k=1)
+    upcycle_to_moe(model, num_experts=4, top_k=1)
     save_model_folder(model, processor, tmp_path / "moe")
     inputs = processor(text="<protein> what is it?", proteins=["MKTAYIAKQR"], return_tensors="pt")
     with torch.no_grad():

@@ -66,3 +66,15 @@ def smollm2_path(tokenizer_only: bool = False) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def resolve(name: str) -> str:
+    """A model name as given, or the local folder a packaged alias (`smollm2-local`) stands for."""
+    if name in LOCAL_ALIASES:
+        return str(smollm2_path())
+    return name
+
+
+def hub_name(name):
+    """The Hub id a local alias stands for (its provenance on cards), else the name as given."""
+    return LOCAL_ALIASES.get(name, name)

@@ -7,7 +7,7 @@ protein encoder are small random configs of the same families as the paper model
 import torch
 
 from configuration_protllm import ProtLLMConfig
-from local_weights import smollm2_path
+from .local_weights import smollm2_path
 from modeling_protllm import ProtLLMForConditionalGeneration
 from processing_protllm import ProtLLMProcessor, build_protein_tokenizer
 

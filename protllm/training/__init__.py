@@ -1,0 +1,1 @@
+"""Training: recipes, the stages of STELLA and SEPIT, their trainers, the collator and the feature cache."""

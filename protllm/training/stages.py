@@ -1,0 +1,161 @@
+"""The training stages of STELLA and SEPIT, each declared once.
+
+A `Stage` says what it trains, with which learning rate per part, on which trainer, and whether it uses LoRA or
+the frozen-encoder feature cache. `run_stage` runs any of them the same way and saves a complete model folder:
+
+    warmup    SEPIT stage 0: the encoder (+ new modules) on contrastive + coordinate denoising + masked LM
+    align     STELLA stage 1 / SEPIT captions: the projector (+ the encoder at its own LR when asked)
+    instruct  STELLA stage 2: projector + LLM, in full or with LoRA
+    moe       SEPIT stage 2: the LLM upcycled to a mixture of experts, trained like instruct
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..building import model_parameter_counts, upcycle_to_moe
+from ..model_folder import save_model_folder
+from ..parameter_groups import protllm_core, set_trainable
+from .collator import ProtLLMDataCollator
+from .feature_cache import FeatureCache
+from .trainers import CollatorStatsCallback, make_sft_trainer, restore_model_dtype, upcast_trainable_parameters
+from .warmup import WarmupCollator, WarmupHeads, WarmupModel, load_pretrained_mlm_head, make_warmup_trainer
+
+logger = logging.getLogger("protllm.train")
+
+COMPLETE_MARKER = "stage_complete.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage. `spec` below is the stage's block of the recipe (`stages: [- name: ...]`)."""
+
+    name: str
+    parts: frozenset[str]  # the model parts trained in full, before the recipe's options
+    trainer: str  # "sft" (TRL SFTTrainer on chat rows) or "warmup" (encoder losses)
+    upcycles_to_moe: bool = False
+    lora_allowed: bool = False
+
+    def trained_parts(self, spec: dict) -> set[str]:
+        parts = set(self.parts)
+        if spec.get("train_protein_encoder"):
+            parts.add("protein_encoder")
+        if self.lora_allowed and spec.get("lora"):
+            parts.discard("language_model")  # the adapters train instead
+        return parts
+
+    def learning_rates(self, spec: dict, base: float) -> dict[str, float]:
+        """Per-part learning rates; parts not named use the stage's `training.learning_rate`."""
+        return {
+            "projector": spec.get("projector_learning_rate", base),
+            "protein_encoder": spec.get("encoder_learning_rate", base),
+        }
+
+    def uses_lora(self, spec: dict) -> bool:
+        return self.lora_allowed and bool(spec.get("lora"))
+
+    def uses_feature_cache(self, spec: dict, model) -> bool:
+        return self.trainer == "sft" and bool(spec.get("feature_cache")) and "protein_encoder" not in self.trained_parts(spec)
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("warmup", frozenset({"protein_encoder"}), trainer="warmup"),
+        Stage("align", frozenset({"projector"}), trainer="sft"),
+        Stage("instruct", frozenset({"projector", "language_model"}), trainer="sft", lora_allowed=True),
+        Stage("moe", frozenset({"projector", "language_model"}), trainer="sft", upcycles_to_moe=True, lora_allowed=True),
+    )
+}
+
+
+def _lora_model(model, spec: dict):
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec["lora"]
+    modules_to_save = ["projector"] + (["protein_encoder"] if spec.get("train_protein_encoder") else [])
+    return get_peft_model(model, LoraConfig(
+        r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
+        target_modules=lora.get("target_modules", ["q_proj", "v_proj"]), modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    ))
+
+
+def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, output_dir: Path, *, max_length=None,
+              resume=None, freeze_encoder_after: bool = True):
+    """Train one stage and save `<output_dir>/stages/<name>/model`. Returns `(model, log_history, summary)`."""
+    stage = STAGES[stage_spec["name"]]
+    stage_dir = Path(output_dir) / "stages" / stage.name
+    started = time.time()
+    if stage.upcycles_to_moe:
+        upcycle_to_moe(model, **(stage_spec.get("moe") or {}))
+    parts = stage.trained_parts(stage_spec)
+    set_trainable(model, parts)
+    counts = model_parameter_counts(model)
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("[%s] trains %s | parameters: %s", stage.name, sorted(parts) + (["LoRA adapters"] if stage.uses_lora(stage_spec) else []),
+                ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    summary = {"stage": stage.name, "trained_parts": sorted(parts) + (["language_model (LoRA)"] if stage.uses_lora(stage_spec) else []),
+               "parameters": counts}
+
+    if stage.trainer == "warmup":
+        config = model.config
+        heads = WarmupHeads(config.protein_config, config.text_config.hidden_size)
+        pretrained_head = load_pretrained_mlm_head(heads, config.protein_config)
+        weights = {"contrastive": 1.0, "mlm": 1.0, "denoise": 1.0, **(stage_spec.get("loss_weights") or {})}
+        wrapper = WarmupModel(model, heads, weights, noise_std=stage_spec.get("noise_std", 0.2),
+                              mask_ratio=stage_spec.get("mask_ratio", 0.15))
+        wrapper.pretrained_mlm_head = pretrained_head
+        summary["mlm_head"] = "ESM pretrained" if pretrained_head else "ESM-initialised, decoder tied to the embeddings"
+        model_dtype = upcast_trainable_parameters(wrapper, training_args)
+        trainer = make_warmup_trainer(wrapper, training_args, train_dataset, WarmupCollator(processor),
+                                      new_module_lr_multiplier=stage_spec.get("new_module_lr_multiplier", 10.0))
+        trainer.train(resume_from_checkpoint=resume)
+        steps = max(trainer.state.global_step, 1)
+        summary["warmup_losses"] = {k: v / steps for k, v in wrapper.loss_parts.items()}
+    else:
+        feature_cache = None
+        if stage.uses_feature_cache(stage_spec, model):
+            feature_cache = FeatureCache(Path(output_dir) / "feature_cache", model)
+        collator = ProtLLMDataCollator(processor, max_length=max_length, feature_cache=feature_cache,
+                                       padding_free=bool(getattr(training_args, "padding_free", False)))
+        if feature_cache is not None:
+            # On the training device, batched by length, sharded over processes, resumable (see FeatureCache).
+            protllm_core(model).protein_encoder.to(training_args.device)
+            written = feature_cache.precompute(train_dataset, collator, batch_size=training_args.per_device_train_batch_size)
+            summary["feature_cache"] = {"directory": str(feature_cache.directory), "written": written}
+        train_model = _lora_model(model, stage_spec) if stage.uses_lora(stage_spec) else model
+        model_dtype = upcast_trainable_parameters(train_model, training_args)
+        trainer = make_sft_trainer(train_model, processor, training_args, train_dataset, collator,
+                                   stage.learning_rates(stage_spec, training_args.learning_rate),
+                                   callbacks=[CollatorStatsCallback(collator)])
+        trainer.train(resume_from_checkpoint=resume)
+        summary["collator"] = dict(collator.stats)
+        if feature_cache is not None:
+            summary["feature_cache"].update(hits=feature_cache.hits, misses=feature_cache.misses)
+        if stage.uses_lora(stage_spec):
+            train_model.save_pretrained(stage_dir / "adapter")
+            model = train_model.merge_and_unload()
+
+    history = list(trainer.state.log_history)
+    seconds = time.time() - started
+    steps = trainer.state.global_step
+    summary.update(steps=steps, seconds=round(seconds, 1), steps_per_second=round(steps / seconds, 3) if seconds else None)
+    losses = [h["loss"] for h in history if "loss" in h]
+    if losses:
+        summary.update(first_loss=losses[0], last_loss=losses[-1])
+    restore_model_dtype(model, model_dtype)  # one dtype in the saved folder, as built
+    protllm_core(model).protein_encoder.set_frozen(freeze_encoder_after)
+    model.eval()
+    if trainer.is_world_process_zero():
+        save_model_folder(model, processor, stage_dir / "model")
+        (stage_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        (stage_dir / COMPLETE_MARKER).write_text(json.dumps(summary, indent=1, default=str))
+    torch.manual_seed(training_args.seed)
+    return model, history, summary

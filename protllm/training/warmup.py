@@ -1,0 +1,274 @@
+"""SEPIT stage 0: the encoder warm-up (contrastive + coordinate denoising + masked LM)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from ..parameter_groups import is_new_warmup_module
+from .data import rows_to_messages
+
+
+class WarmupHeads(nn.Module):
+    """Training-only heads of SEPIT's stage-0 encoder warm-up.
+
+    - contrastive: mean-pooled residue states and caption embeddings, each projected to `proj_dim`, CLIP loss
+      with a learnable temperature;
+    - denoising: an E(3)-equivariant head predicts the Gaussian noise added to CA coordinates as a weighted sum of
+      relative position vectors, weights from residue-pair features (invariant), so rotating the input rotates
+      the prediction. The pair map is computed `chunk_size` query rows at a time (re-computed in backward), so its
+      memory is `P x chunk_size x R x pair_dim`, not `P x R x R x pair_dim` (6-8 GB at P=16, R=1024);
+    - masked LM: ESM's own LM head (`EsmForMaskedLM.lm_head`: dense -> GELU -> LayerNorm -> decoder tied to the
+      encoder's word embeddings + bias). `load_pretrained_mlm_head` fills it from the encoder checkpoint when that
+      has one; otherwise it keeps ESM's initialisation (tied decoder, zero bias).
+    """
+
+    def __init__(self, protein_config, text_width: int, proj_dim: int = 512, pair_dim: int = 32, chunk_size: int = 128):
+        super().__init__()
+        from transformers.models.esm.modeling_esm import EsmLMHead
+
+        protein_width = protein_config.hidden_size
+        self.protein_proj = nn.Linear(protein_width, proj_dim)
+        self.text_proj = nn.Linear(text_width, proj_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.pair_query = nn.Linear(protein_width, pair_dim)
+        self.pair_key = nn.Linear(protein_width, pair_dim)
+        self.distance_weight = nn.Sequential(nn.Linear(1, pair_dim), nn.GELU(), nn.Linear(pair_dim, 1))
+        self.mlm_head = EsmLMHead(protein_config)
+        std = protein_config.initializer_range  # as EsmPreTrainedModel._init_weights
+        nn.init.normal_(self.mlm_head.dense.weight, std=std)
+        nn.init.zeros_(self.mlm_head.dense.bias)
+        nn.init.ones_(self.mlm_head.layer_norm.weight)
+        nn.init.zeros_(self.mlm_head.layer_norm.bias)
+        nn.init.zeros_(self.mlm_head.bias)
+        self.chunk_size = chunk_size
+
+    def tie_mlm_decoder(self, word_embeddings: nn.Embedding):
+        """ESM ties the MLM decoder to the input embeddings: the same Parameter, trained once."""
+        self.mlm_head.decoder.weight = word_embeddings.weight
+
+    def contrastive_loss(self, protein_pooled, text_pooled):
+        p = F.normalize(self.protein_proj(protein_pooled), dim=-1)
+        t = F.normalize(self.text_proj(text_pooled), dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * p @ t.T
+        targets = torch.arange(len(p), device=p.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+    def _noise_chunk(self, query_states, states, ca_rows, ca, mask_rows, mask):
+        relative = ca_rows.unsqueeze(2) - ca.unsqueeze(1)  # (P, c, R, 3)
+        distance = relative.norm(dim=-1, keepdim=True)
+        weights = torch.einsum("prd,psd->prs", self.pair_query(query_states), self.pair_key(states)) / math.sqrt(self.pair_query.out_features)
+        weights = weights.unsqueeze(-1) + self.distance_weight(distance)  # (P, c, R, 1); pair_dim lives in the MLP
+        pair_mask = (mask_rows.unsqueeze(2) & mask.unsqueeze(1)).unsqueeze(-1)
+        weights = weights * pair_mask
+        return (weights * relative).sum(dim=2) / pair_mask.sum(dim=2).clamp(min=1)
+
+    def predict_noise(self, states, ca, mask):
+        """states `(P, R, D)`, noisy CA `(P, R, 3)`, mask `(P, R)` -> predicted noise `(P, R, 3)`, `chunk_size`
+        query rows at a time."""
+        from torch.utils.checkpoint import checkpoint
+
+        out = []
+        for start in range(0, states.shape[1], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            args = (states[:, rows], states, ca[:, rows], ca, mask[:, rows], mask)
+            if torch.is_grad_enabled():
+                out.append(checkpoint(self._noise_chunk, *args, use_reentrant=False))
+            else:
+                out.append(self._noise_chunk(*args))
+        return torch.cat(out, dim=1)
+
+
+def load_pretrained_mlm_head(heads: WarmupHeads, protein_config) -> bool:
+    """Copy ESM's pretrained MLM head (`lm_head.dense`, `lm_head.layer_norm`, `lm_head.bias`) from the encoder
+    checkpoint `protein_config._name_or_path` when it has one (EsmForMaskedLM checkpoints such as
+    facebook/esm2_t33_650M_UR50D do). Reads only those tensors. Returns whether it did."""
+    source = getattr(protein_config, "_name_or_path", "") or ""
+    if not source:
+        return False
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(source, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return False
+    if path is None:
+        return False
+    wanted = {"lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight", "lm_head.layer_norm.bias",
+              "lm_head.bias"}
+    with safe_open(path, framework="pt") as handle:
+        found = {key: handle.get_tensor(key) for key in handle.keys() if key in wanted}
+    if set(found) != wanted:
+        return False
+    state = {key.removeprefix("lm_head."): value for key, value in found.items()}
+    missing, _ = heads.mlm_head.load_state_dict(state, strict=False)
+    return all(key == "decoder.weight" for key in missing)
+
+
+def bert_corrupt(ids: torch.Tensor, candidates: torch.Tensor, mask_ratio: float, mask_token_id: int):
+    """BERT's 80/10/10 rule on residue positions `candidates` `(P, T)` bool: `mask_ratio` of them are selected;
+    of those 80% become the mask token, 10% a random residue (drawn from the batch's own residues, i.e. the
+    empirical amino-acid distribution, whatever the vocabulary) and 10% stay unchanged.
+
+    Returns `(corrupted_ids, selected)` with `selected` `(P, T)` bool: the positions the MLM loss scores."""
+    draw = torch.rand(ids.shape, device=ids.device)
+    selected = candidates & (draw < mask_ratio)
+    action = torch.rand(ids.shape, device=ids.device)
+    to_mask = selected & (action < 0.8)
+    to_random = selected & (action >= 0.8) & (action < 0.9)
+    corrupted = ids.masked_fill(to_mask, mask_token_id)
+    if to_random.any():
+        pool = ids[candidates]
+        picks = pool[torch.randint(len(pool), (int(to_random.sum()),), device=ids.device)]
+        corrupted = corrupted.masked_scatter(to_random, picks)
+    return corrupted, selected
+
+
+class WarmupModel(nn.Module):
+    """SEPIT stage 0 on the protein encoder: contrastive + coordinate denoising + masked LM, weights configurable.
+
+    Wraps the ProtLLM and the training-only `WarmupHeads` in one module so the Trainer (and DDP) sees every
+    trained parameter. Captions are embedded by the frozen LLM input embeddings, mean-pooled: the offline
+    default text encoder.
+    """
+
+    def __init__(self, protllm, heads: WarmupHeads, loss_weights: dict, noise_std: float = 0.2, mask_ratio: float = 0.15):
+        super().__init__()
+        self.protllm = protllm
+        self.heads = heads
+        self.loss_weights = loss_weights
+        self.noise_std = noise_std
+        self.mask_ratio = mask_ratio
+        self.loss_parts = Counter()
+        self.pretrained_mlm_head = False  # set by run_stage when ESM's pretrained head was loaded
+        encoder = protllm.model.protein_encoder
+        heads.to(dtype=next(encoder.parameters()).dtype)  # one dtype with the encoder (AMP upcasts trained ones)
+        if encoder.backend == "esm":
+            heads.tie_mlm_decoder(encoder.esm.embeddings.word_embeddings)
+
+    # The Trainer turns on gradient checkpointing through these (`gradient_checkpointing: true` in a recipe): the
+    # warm-up trains the encoder only, so it is the encoder's layers that recompute.
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        encoder = self.protllm.model.protein_encoder
+        if not hasattr(encoder.esm, "gradient_checkpointing_enable"):
+            raise ValueError(f"gradient_checkpointing: the {encoder.backend} encoder backend does not support it; "
+                             "set `gradient_checkpointing: false` for the warm-up stage")
+        encoder.esm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self):
+        encoder = self.protllm.model.protein_encoder
+        if hasattr(encoder.esm, "gradient_checkpointing_disable"):
+            encoder.esm.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.protllm.model.protein_encoder.esm, "is_gradient_checkpointing", False))
+
+    def forward(self, protein_input_ids, protein_attention_mask, caption_input_ids=None, caption_attention_mask=None,
+                protein_coords=None, protein_coord_mask=None, **kwargs):
+        model = self.protllm
+        encoder = model.model.protein_encoder
+        ids, attention = protein_input_ids, protein_attention_mask
+        losses = {}
+
+        residue_positions = attention.bool().clone()
+        residue_positions[:, 0] = False
+        residue_positions[torch.arange(len(ids)), attention.sum(1) - 1] = False
+        mask_token = model.config.protein_config.mask_token_id
+        if self.loss_weights.get("mlm", 0):
+            corrupted, masked = bert_corrupt(ids, residue_positions, self.mask_ratio, mask_token)
+        else:
+            corrupted, masked = ids, torch.zeros_like(residue_positions)
+        noisy_coords, noise = protein_coords, None
+        if protein_coords is not None and self.loss_weights.get("denoise", 0):
+            noise = torch.randn_like(protein_coords[..., 1, :]) * self.noise_std
+            noisy_coords = protein_coords + noise.unsqueeze(-2)  # the whole residue moves with its CA noise
+        states, residue_mask = encoder(corrupted, attention, noisy_coords, protein_coord_mask)
+        if self.loss_weights.get("mlm", 0) and masked.any():
+            logits = self.heads.mlm_head(states.to(self.heads.mlm_head.dense.weight.dtype))
+            targets = ids[:, 1:-1].masked_fill(~masked[:, 1:-1], -100)
+            losses["mlm"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        if self.loss_weights.get("contrastive", 0) and len(ids) > 1 and caption_input_ids is not None:
+            pooled = (states * residue_mask.unsqueeze(-1)).sum(1) / residue_mask.sum(1, keepdim=True).clamp(min=1)
+            with torch.no_grad():
+                caption = model.get_input_embeddings()(caption_input_ids).float()
+                caption_mask = caption_attention_mask.unsqueeze(-1).float()
+                text_pooled = (caption * caption_mask).sum(1) / caption_mask.sum(1).clamp(min=1)
+            head_dtype = self.heads.protein_proj.weight.dtype
+            losses["contrastive"] = self.heads.contrastive_loss(pooled.to(head_dtype), text_pooled.to(head_dtype))
+        if noise is not None:
+            residues = states.shape[1]
+            ca_mask = protein_coord_mask[:, :residues].bool() & residue_mask
+            head_dtype = self.heads.pair_query.weight.dtype
+            predicted = self.heads.predict_noise(states.to(head_dtype), noisy_coords[:, :residues, 1].to(head_dtype), ca_mask)
+            error = ((predicted.float() - noise[:, :residues].float()) ** 2).sum(-1)
+            losses["denoise"] = error[ca_mask].mean() if ca_mask.any() else predicted.sum() * 0
+        if not losses:
+            raise ValueError("warm-up has no loss to compute: enable mlm, contrastive (batch > 1) or denoise (structures)")
+        for name, value in losses.items():
+            self.loss_parts[name] += float(value.detach())
+        loss = sum(self.loss_weights[name] * value for name, value in losses.items())
+        return {"loss": loss}
+
+
+def make_warmup_trainer(warmup_model: WarmupModel, args, train_dataset, collator, new_module_lr_multiplier: float = 10.0,
+                        callbacks=None):
+    """A Trainer on the warm-up losses; new modules (structure bias, heads) at `new_module_lr_multiplier` x the LR."""
+
+    class ProtLLMWarmupTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                lr = self.args.learning_rate
+                pretrained, new = [], []
+                pretrained_head = getattr(self.model, "pretrained_mlm_head", False)
+                for name, param in self.model.named_parameters():
+                    if param.requires_grad:
+                        # ESM's pretrained MLM head is not new: it trains at the encoder's LR.
+                        is_new = is_new_warmup_module(name) and not (pretrained_head and ".mlm_head." in name)
+                        (new if is_new else pretrained).append(param)
+                self.optimizer = torch.optim.AdamW(
+                    [{"params": pretrained, "lr": lr}, {"params": new, "lr": lr * new_module_lr_multiplier}],
+                    lr=lr, weight_decay=self.args.weight_decay,
+                )
+            return self.optimizer
+
+    return ProtLLMWarmupTrainer(model=warmup_model, args=args, train_dataset=train_dataset, data_collator=collator,
+                                callbacks=callbacks)
+
+
+class WarmupCollator:
+    """Rows -> protein inputs (+ coordinates) and caption token ids (the assistant answer) for the warm-up."""
+
+    def __init__(self, processor, max_caption_tokens: int = 64):
+        self.processor = processor
+        self.max_caption_tokens = max_caption_tokens
+
+    def __call__(self, rows):
+        proteins, captions = [], []
+        for row in rows:
+            messages = rows_to_messages(row)
+            _, row_proteins = self.processor.split_messages(messages)
+            if not row_proteins:
+                raise ValueError(f"warm-up row {row.get('id', '?')} has no protein")
+            proteins.append(row_proteins[0])
+            answer = next((m for m in messages if m["role"] == "assistant"), None)
+            text = answer["content"] if answer and isinstance(answer["content"], str) else " ".join(
+                (b.get("text") or "") for b in (answer or {}).get("content", []))
+            captions.append(text or " ")
+        prepared = [self.processor.prepare_protein(p, i) for i, p in enumerate(proteins)]
+        batch = {k: torch.as_tensor(v) for k, v in self.processor._protein_tensors(prepared).items()}
+        caption = self.processor.tokenizer(captions, padding=True, truncation=True, max_length=self.max_caption_tokens,
+                                           return_tensors="pt", add_special_tokens=False)
+        batch["caption_input_ids"] = caption["input_ids"]
+        batch["caption_attention_mask"] = caption["attention_mask"]
+        return batch
+
+
