@@ -10,6 +10,13 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Attention implementations that add a 4D float mask to the scores, i.e. that carry the SEPIT structure bias.
+# Flash attention would take it for a padding mask (or fail); flex/paged kernels need their own mask formats.
+STRUCTURE_BIAS_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 # ESM-2 650M (facebook/esm2_t33_650M_UR50D), the encoder SEPIT and our paper recipes use.
 ESM2_650M_KWARGS = {
@@ -38,7 +45,10 @@ class ProtLLMConfig(PreTrainedConfig):
         protein_config (`EsmConfig` or `dict`): the protein encoder (ESM-2 family; a SaProt checkpoint is an
             ESM model with a 446-token amino-acid x 3Di vocabulary).
         text_config (`PreTrainedConfig` or `dict`): any causal LM config (Llama, Qwen2, SmolLM, Phi-3, GPT-2...).
-        protein_encoder_backend (`"esm"` or `"fair-esm"`): transformers `EsmModel` or fair-esm `ESM2`.
+        protein_encoder_backend (`"esm"`, `"fair-esm"`, `"esm3"` or `"esmc"`): transformers `EsmModel`, fair-esm
+            `ESM2`, or EvolutionaryScale's ESM3 (sequence + VQ-VAE structure tokens) / ESM C (see esm3_protllm.py).
+            For `esm3`/`esmc`, `protein_config` takes the esm package's sizes (`d_model`, `n_heads`, `n_layers`, and
+            `v_heads` for ESM3) and is stored as an EsmConfig with both names; None means esm3-sm-open-v1 / esmc-300m.
         protein_encoder_input (`"sequence"` or `"saprot"`): amino acids only, or SaProt's amino acid + Foldseek
             3Di tokens (the processor computes 3Di from the structure; residues without one get `#`).
         protein_feature_layer (`int`): which encoder hidden state feeds the projector (-1 last, -2 second-to-last
@@ -54,7 +64,11 @@ class ProtLLMConfig(PreTrainedConfig):
             beyond it).
         protein_token_id (`int`): id of the `<protein>` placeholder in the LLM vocabulary; one placeholder per
             protein token the projector emits.
-        use_structure_bias (`bool`): SEPIT's distance-kernel attention bias in every encoder layer.
+        protein_start_token_id / protein_end_token_id (`int`, *optional*): ids of `<|protein_start|>` and
+            `<|protein_end|>`. `generate` never emits these or the placeholder (it would have no protein to fill).
+        use_structure_bias (`bool`): SEPIT's distance-kernel attention bias in every encoder layer. The encoder
+            then runs eager or sdpa attention: a flash (or other) request is routed to sdpa for the encoder only,
+            with a warning, while the LLM keeps what was asked.
         structure_num_kernels (`int`): Gaussian basis functions over pairwise CA distances (SEPIT: 128).
         structure_dropout (`float`): probability, per protein and training step, of dropping its structure
             (SEPIT: 0.15) so the model also runs sequence-only.
@@ -64,9 +78,9 @@ class ProtLLMConfig(PreTrainedConfig):
             many experts (SEPIT: 4), upcycled from the dense weights.
         moe_top_k (`int`): experts per token (SEPIT: 1).
         moe_capacity_factor / moe_eval_capacity_factor (`float`): expert capacity in training / evaluation
-            (SEPIT: 1.25 / 2.0); tokens over capacity skip the block (residual path only). The evaluation default
-            None routes every token: capacity depends on the batch, so with a limit batched generation can differ
-            from one-at-a-time generation.
+            (SEPIT: 1.25 / 2.0); tokens over capacity skip the block (residual path only). Padding never takes
+            capacity. In training the capacity is shared by the batch; in evaluation it is per sequence, so batched
+            generation equals one-at-a-time generation. The evaluation default None routes every token.
         moe_router_aux_loss_coef (`float`): weight of the load-balancing loss (SEPIT: 0.01).
     """
 
@@ -79,7 +93,7 @@ class ProtLLMConfig(PreTrainedConfig):
 
     protein_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    protein_encoder_backend: Literal["esm", "fair-esm"] = "esm"
+    protein_encoder_backend: Literal["esm", "fair-esm", "esm3", "esmc"] = "esm"
     protein_encoder_input: Literal["sequence", "saprot"] = "sequence"
     protein_feature_layer: int = -1
     freeze_protein_encoder: bool = True
@@ -89,6 +103,8 @@ class ProtLLMConfig(PreTrainedConfig):
     resampler_num_heads: int = 8
     max_protein_length: int = 1024
     protein_token_id: int | None = None
+    protein_start_token_id: int | None = None
+    protein_end_token_id: int | None = None
     use_structure_bias: bool = False
     structure_num_kernels: int = 128
     structure_dropout: float = 0.15
@@ -102,12 +118,47 @@ class ProtLLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.protein_encoder_backend in ("esm3", "esmc") and not isinstance(self.protein_config, PreTrainedConfig):
+            try:  # imported here: the other backends never need the module
+                from .esm3_protllm import evolutionaryscale_protein_config_kwargs
+            except ImportError:
+                from esm3_protllm import evolutionaryscale_protein_config_kwargs
+            self.protein_config = evolutionaryscale_protein_config_kwargs(self.protein_encoder_backend, self.protein_config)
         super().__post_init__(**kwargs)
         # Tied-embedding LLMs (Qwen2, SmolLM) load wrong unless the composite config says so too.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
         if self.moe_num_experts > 0:
             self._mirror_moe_settings_to_text_config()
+        self.route_protein_attn_implementation()
+
+    @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None):
+        # transformers sets this (recursively on the sub-configs) for `attn_implementation=` in from_pretrained,
+        # from_config and set_attn_implementation: route the encoder right after.
+        PreTrainedConfig._attn_implementation.fset(self, value)
+        if getattr(self, "protein_config", None) is not None:
+            self.route_protein_attn_implementation()
+
+    def route_protein_attn_implementation(self) -> str | None:
+        """With the structure bias, keep the encoder on an attention implementation that adds the 4D float bias
+        (eager/sdpa): anything else is routed to sdpa for the encoder only. Returns the encoder's implementation."""
+        protein_config = self.protein_config
+        if not isinstance(protein_config, PreTrainedConfig):
+            return None
+        requested = protein_config._attn_implementation
+        if self.use_structure_bias and requested is not None and requested not in STRUCTURE_BIAS_ATTN_IMPLEMENTATIONS:
+            logger.warning_once(
+                f"use_structure_bias=True: the protein encoder cannot run attn_implementation={requested!r} (the "
+                "structure bias is a 4D float attention mask, which only eager and sdpa add). The encoder uses 'sdpa'; "
+                "the language model keeps its own attention implementation."
+            )
+            protein_config._attn_implementation = "sdpa"
+        return protein_config._attn_implementation
 
     def _mirror_moe_settings_to_text_config(self):
         # TRL's SFTTrainer (fused LM head) and transformers' load-balancing loss read these names from
@@ -141,6 +192,8 @@ class ProtLLMConfig(PreTrainedConfig):
             problems.append(f"moe_top_k must be in [1, moe_num_experts={self.moe_num_experts}], got {self.moe_top_k}")
         if self.moe_capacity_factor <= 0 or (self.moe_eval_capacity_factor is not None and self.moe_eval_capacity_factor <= 0):
             problems.append("moe_capacity_factor and moe_eval_capacity_factor must be > 0 (eval: or None, no limit)")
+        if self.protein_encoder_backend in ("esm3", "esmc") and self.protein_encoder_input != "sequence":
+            problems.append(f"protein_encoder_backend={self.protein_encoder_backend!r} reads amino acids (ESM3 adds its own structure tokens): protein_encoder_input must be 'sequence'")
         if self.use_structure_bias and self.protein_encoder_backend != "esm":
             problems.append("use_structure_bias requires protein_encoder_backend='esm' (the bias rides in EsmModel's attention mask)")
         if self.protein_config is not None:
@@ -155,8 +208,10 @@ class ProtLLMConfig(PreTrainedConfig):
                 if width % self.resampler_num_heads:
                     problems.append(f"resampler width {width} is not divisible by resampler_num_heads={self.resampler_num_heads}")
         vocab = getattr(self.text_config, "vocab_size", None)
-        if self.protein_token_id is not None and vocab is not None and not 0 <= self.protein_token_id < vocab:
-            problems.append(f"protein_token_id={self.protein_token_id} is outside the LLM vocabulary (size {vocab})")
+        for name in ("protein_token_id", "protein_start_token_id", "protein_end_token_id"):
+            token_id = getattr(self, name)
+            if token_id is not None and vocab is not None and not 0 <= token_id < vocab:
+                problems.append(f"{name}={token_id} is outside the LLM vocabulary (size {vocab})")
         if problems:
             raise ValueError("Invalid ProtLLMConfig: " + "; ".join(problems))
 

@@ -17,6 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 from transformers.models.esm.modeling_esm import EsmModel
 from transformers.utils.import_utils import torch_compilable_check
 
@@ -40,6 +43,10 @@ except ImportError:  # loaded as a top-level module (repository checkout, not re
         moe_blocks,
         upcycle_feed_forward_blocks,
     )
+try:
+    from .esm3_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMEvolutionaryScaleEncoder, reset_non_persistent_buffers
+except ImportError:  # top-level module; the esm package itself is imported only when an esm3/esmc encoder is built
+    from esm3_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMEvolutionaryScaleEncoder, reset_non_persistent_buffers
 
 
 PROTEIN_INPUT_KEYS = (
@@ -175,6 +182,8 @@ class ProtLLMProteinEncoder(nn.Module):
         config.route_protein_attn_implementation()  # the structure bias needs eager/sdpa, never flash
         if self.backend == "esm":
             self.esm = EsmModel(protein_config, add_pooling_layer=False)
+        elif self.backend in EVOLUTIONARYSCALE_BACKENDS:
+            self.esm = ProtLLMEvolutionaryScaleEncoder(self.backend, protein_config)
         else:
             self.esm = build_fair_esm(protein_config)
         self.structure_bias = None
@@ -190,10 +199,27 @@ class ProtLLMProteinEncoder(nn.Module):
 
     def set_frozen(self, frozen: bool):
         self.config.freeze_protein_encoder = frozen
-        for param in self.parameters():
-            param.requires_grad_(not frozen)
+        unused = self.unused_parameter_prefixes()
+        for name, param in self.named_parameters():
+            # Parameters the forward never reaches stay frozen even in a trainable encoder: a trainable parameter
+            # without a gradient is fatal under DDP ("Expected to have finished reduction").
+            param.requires_grad_(not frozen and not name.startswith(unused))
         if frozen:
             self.eval()
+
+    def unused_parameter_prefixes(self) -> tuple[str, ...]:
+        """Names (prefixes) of encoder parameters the forward never uses: the contact-prediction head, and with
+        `protein_feature_layer` below the last layer, the layers after it and the final layer norm."""
+        if self.backend in EVOLUTIONARYSCALE_BACKENDS:
+            return tuple("esm." + prefix for prefix in self.esm.unused_parameter_prefixes(self._feature_layer_index()))
+        if self.backend != "esm":
+            return ("esm.contact_head.",)
+        unused = ["esm.contact_head."]
+        feature_layer = self._feature_layer_index()
+        if feature_layer != self.num_layers:
+            unused += [f"esm.encoder.layer.{index}." for index in range(feature_layer, self.num_layers)]
+            unused.append("esm.encoder.emb_layer_norm_after.")
+        return tuple(unused)
 
     @property
     def frozen(self) -> bool:
@@ -216,8 +242,12 @@ class ProtLLMProteinEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.backend == "esm":
                 states = self._esm_forward(protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask)
-            else:
+            elif self.backend == "fair-esm":
                 states = self._fair_esm_forward(protein_input_ids)
+            else:  # esm3 / esmc (ESM3 reads the coordinates as its VQ-VAE structure tokens)
+                states = self.esm(
+                    protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask, self._feature_layer_index()
+                )
         lengths = protein_attention_mask.sum(dim=1)  # tokens incl. <cls>, <eos>
         positions = torch.arange(states.shape[1] - 2, device=states.device)
         residue_mask = positions.unsqueeze(0) < (lengths - 2).unsqueeze(1)
@@ -344,6 +374,9 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    # The forward has no data-dependent Python branches (checks go through torch_compilable_check), so
+    # `torch.compile(fullgraph=True)` and static-cache generation compile it whole.
+    _can_compile_fullgraph = True
 
     def _set_gradient_checkpointing(self, *args, **kwargs):
         super()._set_gradient_checkpointing(*args, **kwargs)
@@ -378,22 +411,29 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
         # Rebuild what the generic initialiser does not know (meta-device init leaves it uninitialised).
         if isinstance(module, ProtLLMGaussianKernels):
             module.reset_parameters()
+        else:
+            reset_non_persistent_buffers(module)  # the esm package's rotary inv_freq (ESM3 / ESM C)
         elif isinstance(module, ProtLLMResampler):
             nn.init.normal_(module.queries, std=0.02)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
         # Safe loading: transformers only *warns* when the weights hold tensors the config has no place for
         # (unexpected keys) or lack tensors it needs (missing keys, left randomly initialised), e.g. after
         # config.json was edited to another num_hidden_layers. Refuse that silent partial load (size mismatches
         # already raise in transformers). The one expected difference: a base ProtLLMModel loaded from a folder
         # saved with the LM head. Callers passing output_loading_info=True get the report and decide themselves.
-        if kwargs.get("output_loading_info"):
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # `strict=False`, or no folder at all (`from_pretrained(None, config=..., state_dict=...)`), follows
+        # transformers' convention instead: missing weights are initialised by `_init_weights` (with a warning).
+        report_requested = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         encoder = getattr(model, "model", model).protein_encoder
         if encoder.backend == "fair-esm":  # fair-esm ties its (unused) MLM head to its embedding: safetensors keeps one
             encoder.esm.lm_head.weight = encoder.esm.embed_tokens.weight
+        if report_requested:
+            return model, info
+        if not strict or pretrained_model_name_or_path is None:
+            return model
         missing = sorted(k for k in info.get("missing_keys") or [] if not _is_tied(model, k, info["missing_keys"]))
         unexpected = sorted(k for k in info.get("unexpected_keys") or [] if hasattr(model, "lm_head") or not k.startswith("lm_head."))
         if missing or unexpected:
@@ -493,16 +533,17 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
             mask = (inputs_embeds == placeholder).all(-1)
         else:
             mask = input_ids == self.config.protein_token_id
-        num_placeholders = int(mask.sum())
-        if num_placeholders != protein_features.shape[0]:
-            raise ValueError(
-                f"Protein features and <protein> placeholder tokens do not match: {num_placeholders} placeholders in "
-                f"the text, {protein_features.shape[0]} protein tokens from the projector. Build inputs with "
-                "ProtLLMProcessor (it expands each placeholder to the projector's token count) and do not truncate "
-                "through a protein span."
-            )
+        # A tensor condition (no int()/if on data): a hint, not a graph break, under torch.compile / torch.export.
+        torch_compilable_check(
+            mask.sum() == protein_features.shape[0],
+            lambda: f"Protein features and <protein> placeholder tokens do not match: {int(mask.sum())} placeholders in "
+            f"the text, {protein_features.shape[0]} protein tokens from the projector. Build inputs with "
+            "ProtLLMProcessor (it expands each placeholder to the projector's token count) and do not truncate "
+            "through a protein span.",
+        )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -518,8 +559,8 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
         protein_embeds_mask=None,
         use_cache=None,
         output_router_logits=None,
-        **kwargs,
-    ) -> ProtLLMModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | ProtLLMModelOutputWithPast:
         """
         input_ids `(B, S)` with `<protein>` placeholders; protein inputs as in `get_protein_features`.
         """
@@ -538,11 +579,12 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
             # Device too, not only dtype: with a device_map the encoder and the LLM embeddings may sit apart.
             protein_features = protein_features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(mask, protein_features)
-        elif input_ids is not None and self.config.protein_token_id is not None and not _is_decode_step(past_key_values):
-            # Prefill only: a decode step's input is the previous output token, which carries no protein.
+        elif input_ids is not None and self.config.protein_token_id is not None:
+            # Prefill only: a decode step's input is the previous output token, which carries no protein. Branchless
+            # (a static cache's length is a tensor): the check passes on any decode step.
             protein_token_id = self.config.protein_token_id
             torch_compilable_check(
-                ~(input_ids == protein_token_id).any(),
+                ~(input_ids == protein_token_id).any() | _is_decode_step(past_key_values),
                 lambda: f"input_ids hold {int((input_ids == protein_token_id).sum())} <protein> placeholder tokens "
                 "but no protein inputs were given",
             )
@@ -562,6 +604,7 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                return_dict=True,  # fields are read below; `return_dict=False` is applied to our output
                 **kwargs,
             )
         router_logits = None
@@ -580,7 +623,8 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
         )
 
 
-def _is_decode_step(past_key_values) -> bool:
+def _is_decode_step(past_key_values) -> bool | torch.Tensor:
+    """True when the cache already holds tokens (a bool, or a 0-dim bool tensor for a static cache)."""
     return past_key_values is not None and past_key_values.get_seq_length() > 0
 
 
@@ -598,6 +642,9 @@ def _moe_routing(blocks, routing):
 
 class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
     """ProtLLM with the LLM's LM head: answers questions about proteins. See `ProtLLMProcessor` for inputs."""
+
+    # The head may be tied to the (row-sharded) input embedding, so it needs its own tensor-parallel entry.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: ProtLLMConfig):
         super().__init__(config)
@@ -621,6 +668,7 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -638,11 +686,13 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         use_cache=None,
         output_router_logits=None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> ProtLLMCausalLMOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | ProtLLMCausalLMOutputWithPast:
         """`labels` `(B, S)`: next-token targets, -100 where ignored (prompt, protein tokens, padding)."""
         # Trainer passes the batch's label count for the loss only; the backbone must not see it.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        # Pre-shifted targets (sequence/context parallelism): they replace `labels` in the loss.
+        shift_labels = kwargs.pop("shift_labels", None)
         if output_router_logits is None and self.config.moe_num_experts:
             # The balancing loss is a training loss: on by default when labels are given.
             output_router_logits = labels is not None or getattr(self.config.text_config, "output_router_logits", False)
@@ -660,6 +710,7 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
             protein_embeds_mask=protein_embeds_mask,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -667,9 +718,9 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
 
         loss = aux_loss = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch)
+                                      num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
         if outputs.router_logits is not None:
             aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask)
             if loss is not None:
@@ -679,7 +730,8 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
                     # and processes, which Trainer neither divides by the accumulation steps nor averages over the
                     # world size. Weight the (mean) balancing loss by this micro-batch's share of those labels, so the
                     # step optimises the label-weighted mean balancing loss instead of accumulation_steps x world_size x it.
-                    local_items = (labels[..., 1:] != -100).sum().to(loss.device)
+                    targets = shift_labels if shift_labels is not None else labels[..., 1:]
+                    local_items = (targets != -100).sum().to(loss.device)
                     aux_term = aux_term * local_items / torch.as_tensor(num_items_in_batch, device=loss.device)
                 loss = loss + aux_term
         return ProtLLMCausalLMOutputWithPast(
@@ -711,8 +763,12 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        # Protein inputs are consumed by the prefill; the cached decode steps have no placeholders.
-        if not is_first_iteration and kwargs.get("use_cache", True):
+        # Protein inputs are consumed by the prefill; the cached decode steps have no placeholders. An assistant
+        # model (assisted / speculative decoding) prefills with is_first_iteration=False, so "prefill" is decided by
+        # the cache: while it is empty, the prompt and its placeholders are still to be run.
+        past_key_values = model_inputs.get("past_key_values")
+        prefill = is_first_iteration or past_key_values is None or past_key_values.get_seq_length() == 0
+        if not prefill and kwargs.get("use_cache", True):
             for key in PROTEIN_INPUT_KEYS:
                 model_inputs.pop(key, None)
         return model_inputs

@@ -71,7 +71,7 @@ class ProtLLMSparseMoeBlock(nn.Module):
             assignments = F.one_hot(top_experts, self.num_experts) * keep.unsqueeze(-1)  # (B, S, k, E)
             assignments = assignments.reshape(groups, -1, self.num_experts)
             # 0-based position of each assignment in its expert's queue within the group.
-            position = ((assignments.cumsum(dim=1) - 1) * assignments).sum(-1)  # (G, S * k / G...)
+            position = ((assignments.cumsum(dim=1) - 1) * assignments).sum(-1)  # (G, B * S * k / G)
             real_tokens = real.reshape(groups, -1).sum(dim=1, keepdim=True)  # (G, 1)
             capacity = torch.ceil(factor * real_tokens * self.top_k / self.num_experts).clamp(min=1)
             keep = keep & (position < capacity).reshape(batch, seq_len, top_k)
