@@ -13,19 +13,29 @@ error naming the protein and position. An empty sequence is an error. A sequence
 """
 
 import os
-import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from transformers import AutoTokenizer, EsmTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 
 try:
-    from .structure_protllm import SAPROT_VOCAB, StructureError, load_structure, saprot_sequence, three_di_tokens
+    from .collator_protllm import ProtLLMDataCollator
+    from .saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
+    from .structure_protllm import VALID_RESIDUES, StructureError, load_structure
+    from .structure_protllm import clean_sequence as clean_residues
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
-    from structure_protllm import SAPROT_VOCAB, StructureError, load_structure, saprot_sequence, three_di_tokens
+    from collator_protllm import ProtLLMDataCollator
+    from saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
+    from structure_protllm import VALID_RESIDUES, StructureError, load_structure
+    from structure_protllm import clean_sequence as clean_residues
+try:
+    from .retrieval_protllm import DATABASE_DIR, RetrievalDatabase, render_block
+except ImportError:
+    from retrieval_protllm import DATABASE_DIR, RetrievalDatabase, render_block
 
 PROTEIN_TOKEN = "<protein>"
 PROTEIN_START_TOKEN = "<|protein_start|>"
@@ -37,8 +47,6 @@ ESM_VOCAB = [
     "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
     "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
 ]
-VALID_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYBZUOX")
-_WHITESPACE = re.compile(r"\s+")
 
 
 class ProteinInputError(ValueError):
@@ -61,22 +69,38 @@ def build_protein_tokenizer(kind: str = "esm") -> EsmTokenizer:
 
 
 def clean_sequence(sequence, protein_index: int) -> str:
-    """Apply the residue policy of this module; raise ProteinInputError naming the protein and position."""
-    if not isinstance(sequence, str):
-        raise ProteinInputError(f"protein {protein_index}: sequence must be a string, got {type(sequence).__name__}")
-    cleaned = _WHITESPACE.sub("", sequence)
-    if cleaned.endswith("*"):
-        cleaned = cleaned[:-1]
-    if not cleaned:
-        raise ProteinInputError(f"protein {protein_index}: empty sequence")
-    # Validate before upper-casing: str.upper maps some non-ASCII letters to residues ('ß' -> 'SS', 'ı' -> 'I').
-    for position, residue in enumerate(cleaned):
-        if not residue.isascii() or residue.upper() not in VALID_RESIDUES:
-            raise ProteinInputError(
-                f"protein {protein_index}: invalid residue {residue!r} at position {position + 1} "
-                f"(allowed: 20 amino acids and B, Z, U, O, X)"
-            )
-    return cleaned.upper()
+    """The one residue rule (`structure_protllm.clean_sequence`, shared with the structure reader); raises
+    ProteinInputError naming the protein and the position of the first bad residue."""
+    return clean_residues(sequence, f"protein {protein_index}", ProteinInputError)
+
+
+class ProtLLMTextKwargs(TextKwargs, total=False):
+    """Text kwargs of `ProtLLMProcessor.__call__` beyond transformers' `TextKwargs`.
+
+    padding_side (`"left"` or `"right"`): overrides the processor's padding side for this call.
+    add_special_tokens (`bool`): let the LLM tokenizer add its special tokens (False for rendered chats).
+    """
+
+    padding_side: str | None
+    add_special_tokens: bool | None
+
+
+class ProtLLMProcessorKwargs(ProcessingKwargs, total=False):
+    """Typed kwargs of `ProtLLMProcessor.__call__`.
+
+    assistant_char_spans (`list[list[tuple[int, int]]]`, *optional*): per text, the character spans whose tokens are
+        learned; the output then has `assistant_masks` `(B, S)` (1 on those tokens, 0 elsewhere and on proteins).
+    """
+
+    text_kwargs: ProtLLMTextKwargs
+    assistant_char_spans: list | None
+
+
+@dataclass
+class ProtLLMMultiModalData(MultiModalData):
+    """`MultiModalData` with the LLM tokens each protein takes (its `<protein>` run, start/end markers excluded)."""
+
+    num_protein_tokens: list[int] | None = None
 
 
 class ProtLLMProcessor(ProcessorMixin):
@@ -95,7 +119,15 @@ class ProtLLMProcessor(ProcessorMixin):
         protein_encoder_input (`"sequence"` or `"saprot"`): tokenize amino acids, or SaProt amino acid + 3Di.
         plddt_threshold (`float`): SaProt input masks the 3Di token of residues below this pLDDT.
         padding_side (`"left"` or `"right"`): text padding; left (the default) is what batched generation needs.
+
+    Chat templates: `apply_chat_template` renders with the `chat_template` passed, else the processor's own, else the
+    LLM tokenizer's. Message contents reach a template as it reads them (see `template_reads_blocks`): one string
+    with a `<protein>` per protein for text-LLM templates, content blocks for templates written for transformers'
+    structured content (a protein block then carries `"text": "<protein>"`).
     """
+
+    valid_processor_kwargs = ProtLLMProcessorKwargs
+    text_kwargs = {"padding": True, "add_special_tokens": True}
 
     def __init__(
         self,
@@ -124,6 +156,8 @@ class ProtLLMProcessor(ProcessorMixin):
         self.padding_side = padding_side
         super().__init__(tokenizer, protein_tokenizer, chat_template=chat_template)
         self.tokenizer.padding_side = padding_side
+        # The model folder's retrieval database (retrieval_protllm.RetrievalDatabase), or None: set by from_pretrained.
+        self.retrieval_database = None
         missing = [t for t in (PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN) if t not in self.tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"the LLM tokenizer lacks the protein tokens {missing}; build with ProtLLMProcessor.from_tokenizers")
@@ -141,6 +175,23 @@ class ProtLLMProcessor(ProcessorMixin):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(tokenizer, protein_tokenizer, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load the processor and, when the folder has `retrieval/`, its retrieval database."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor.retrieval_database = RetrievalDatabase.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return processor
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        database, self.retrieval_database = self.retrieval_database, None  # plain JSON files, not processor config
+        try:
+            saved = super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.retrieval_database = database
+        if database is not None:
+            database.save(os.path.join(save_directory, DATABASE_DIR))
+        return saved
 
     @property
     def protein_token_id(self) -> int:
@@ -239,24 +290,31 @@ class ProtLLMProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        text=None,
+        text: str | list[str] | None = None,
         proteins=None,
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        return_tensors=None,
-        add_special_tokens: bool = True,
-        assistant_char_spans=None,
-        **kwargs,
+        images=None,
+        videos=None,
+        audio=None,
+        **kwargs: Unpack[ProtLLMProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize text with `<protein>` placeholders and the proteins they stand for.
 
         text: a string or a list of strings. proteins: for one string, a list of protein specs (see
         `prepare_protein`); for a list of strings, one such list per string (None or [] where a text has none).
+        Text kwargs (`ProtLLMProcessorKwargs`): `padding` (default True), `padding_side`, `pad_to_multiple_of`,
+        `truncation` + `max_length` (a row is cut only where no protein span crosses `max_length`; otherwise
+        ProteinInputError), `add_special_tokens`, `return_tensors`; and `assistant_char_spans`.
         Returns `input_ids`, `attention_mask` `(B, S)`, `protein_input_ids`, `protein_attention_mask` `(P, T)` and,
         when any protein has a structure, `protein_coords` `(P, R, 4, 3)` and `protein_coord_mask` `(P, R)`.
         """
         if text is None:
             raise ValueError("ProtLLMProcessor needs `text` (use '<protein>' where each protein goes)")
+        for name, value in (("images", images), ("videos", videos), ("audio", audio)):
+            if value is not None:
+                raise ValueError(f"ProtLLMProcessor takes `proteins`, not {name}")
+        merged = self._merge_kwargs(ProtLLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = merged["text_kwargs"]
+        assistant_char_spans = merged.get("assistant_char_spans")
         batched = not isinstance(text, str)
         texts = list(text) if batched else [text]
         if proteins is None:
@@ -275,7 +333,7 @@ class ProtLLMProcessor(ProcessorMixin):
         for text_index, sample in enumerate(texts):
             encoded = self.tokenizer(
                 sample,
-                add_special_tokens=add_special_tokens,
+                add_special_tokens=text_kwargs.get("add_special_tokens", True),
                 return_offsets_mapping=assistant_char_spans is not None,
             )
             ids = encoded["input_ids"]
@@ -293,14 +351,38 @@ class ProtLLMProcessor(ProcessorMixin):
                 sample_proteins.append(self.prepare_protein(protein, protein_index))
                 protein_index += 1
             expanded, expanded_mask = self._expand_placeholders(ids, char_mask, sample_proteins)
+            if text_kwargs.get("truncation") and text_kwargs.get("max_length"):
+                expanded, expanded_mask = self._truncate_row(expanded, expanded_mask, text_kwargs["max_length"], text_index)
             prepared.extend(sample_proteins)
             rows.append(expanded)
             masks.append(expanded_mask)
 
-        data = self._pad(rows, masks if assistant_char_spans is not None else None, padding, padding_side)
+        data = self._pad(
+            rows, masks if assistant_char_spans is not None else None, text_kwargs.get("padding", True),
+            text_kwargs.get("padding_side"), text_kwargs.get("max_length"), text_kwargs.get("pad_to_multiple_of"),
+        )
         if prepared:
             data.update(self._protein_tensors(prepared))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return BatchFeature(data=data, tensor_type=text_kwargs.get("return_tensors"))
+
+    def _truncate_row(self, ids, mask, max_length, text_index):
+        """Cut a row to `max_length` tokens unless that would cut a protein span (then ProteinInputError)."""
+        if len(ids) <= max_length:
+            return ids, mask
+        if self.protein_end_token_id in ids[max_length:] or self.protein_token_id in ids[max_length:]:
+            raise ProteinInputError(
+                f"text {text_index}: truncation to max_length={max_length} would cut a protein span; raise max_length "
+                "or lower max_protein_length"
+            )
+        return ids[:max_length], mask[:max_length]
+
+    def _get_num_multimodal_tokens(self, protein_lengths: list[int] | None = None, **kwargs) -> ProtLLMMultiModalData:
+        """LLM tokens of each protein's `<protein>` run, from residue counts (after cropping to `max_protein_length`)."""
+        if protein_lengths is None:
+            return ProtLLMMultiModalData()
+        return ProtLLMMultiModalData(
+            num_protein_tokens=[self.num_protein_tokens("X" * min(n, self.max_protein_length)) for n in protein_lengths]
+        )
 
     def _expand_placeholders(self, ids, char_mask, proteins):
         expanded, expanded_mask, next_protein = [], [], 0
@@ -317,11 +399,15 @@ class ProtLLMProcessor(ProcessorMixin):
                 expanded_mask.append(flag)
         return expanded, expanded_mask
 
-    def _pad(self, rows, assistant_masks, padding, padding_side):
+    def _pad(self, rows, assistant_masks, padding, padding_side, max_length=None, pad_to_multiple_of=None):
         side = padding_side or self.padding_side
         if len(rows) > 1 and not padding and len({len(r) for r in rows}) > 1:
             raise ValueError("texts of different lengths need padding=True to be batched")
         longest = max(len(r) for r in rows)
+        if padding == "max_length" and max_length:
+            longest = max(longest, max_length)
+        if padding and pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
         pad_id = self.tokenizer.pad_token_id
         data = {"input_ids": [], "attention_mask": []}
         if assistant_masks is not None:
@@ -345,94 +431,172 @@ class ProtLLMProcessor(ProcessorMixin):
     # ----- chat ------------------------------------------------------------------------------------------
 
     @staticmethod
-    def split_messages(messages):
-        """Chat messages with content blocks -> (messages with string content, proteins in order).
+    def split_messages(messages, as_blocks: bool = False):
+        """Chat messages with content blocks -> (messages for the chat template, proteins in order).
 
-        A `{"type": "protein", "sequence": ..., "structure": ..., "chain": ...}` block becomes a `<protein>`
-        placeholder; blocks of a message are joined by newlines. String contents pass unchanged.
+        A `{"type": "protein", "sequence": ..., "structure": ..., "chain": ...}` block stands for one `<protein>`
+        placeholder. With `as_blocks=False` (text-LLM templates, which read `message['content']` as a string) the
+        blocks of a message are joined by newlines into one string; with `as_blocks=True` (templates written for
+        transformers' structured content) contents stay lists of blocks and a protein block becomes
+        `{"type": "protein", "text": "<protein>"}`. String contents pass unchanged.
         """
         text_messages, proteins = [], []
-        for message in messages:
+        for index, message in enumerate(messages):
             content = message.get("content")
             if isinstance(content, str) or content is None:
                 text_messages.append(dict(message))
                 continue
             pieces = []
             for block in content:
-                kind = block.get("type")
+                kind = block.get("type") if isinstance(block, dict) else None
                 if kind == "protein":
                     proteins.append({k: block.get(k) for k in ("sequence", "structure", "chain") if block.get(k) is not None})
-                    pieces.append(PROTEIN_TOKEN)
+                    pieces.append({"type": "protein", "text": PROTEIN_TOKEN})
                 elif kind == "text":
-                    pieces.append(block.get("text") or "")
+                    # datasets stores blocks of mixed types with every key, None where absent
+                    pieces.append({"type": "text", "text": block.get("text") or ""})
+                elif kind == "neighbours":  # retrieved (or user-given) similar proteins, rendered as text
+                    pieces.append({"type": "text", "text": render_block(block)})
                 else:
-                    raise ValueError(f"unsupported content block type {kind!r} (expected 'protein' or 'text')")
-            text_messages.append({**message, "content": "\n".join(pieces)})
+                    raise ValueError(f"message {index}: unsupported content block {block!r} "
+                                     "(expected type 'protein', 'text' or 'neighbours')")
+            if not as_blocks:
+                pieces = "\n".join(piece["text"] for piece in pieces)
+            text_messages.append({**message, "content": pieces})
         return text_messages, proteins
 
-    def _render(self, messages, **kwargs) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template, **kwargs)
+    def template_reads_blocks(self, chat_template=None) -> bool:
+        """Whether `chat_template` (None: the tokenizer's) is written for structured content (`message['content']` a
+        list of `{"type", "text"}` blocks, as transformers' multimodal templates are) rather than for strings.
 
-    def assistant_char_spans(self, messages) -> list[tuple[int, int]]:
-        """Character spans of each assistant turn (its content and end-of-turn marker) in the rendered chat."""
+        Decided once per template by rendering a probe chat with block contents: a string template fails on it
+        (`'...' + list`) or prints the blocks' repr.
+        """
+        cache = self.__dict__.setdefault("_reads_blocks", {})
+        if chat_template not in cache:
+            probe = [{"role": "user", "content": [{"type": "text", "text": "PROBE-USER"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "PROBE-ANSWER"}]}]
+            try:
+                rendered = self._render(probe, chat_template)
+                cache[chat_template] = "PROBE-USER" in rendered and "PROBE-ANSWER" in rendered and "'type'" not in rendered
+            except Exception:  # noqa: BLE001 - any template error on block contents means it reads strings
+                cache[chat_template] = False
+        return cache[chat_template]
+
+    def _template_messages(self, messages, chat_template):
+        return self.split_messages(messages, as_blocks=self.template_reads_blocks(chat_template))
+
+    def _template(self, chat_template):
+        """The template to render with: `chat_template` (a Jinja string or the name of one of the processor's
+        templates), else the processor's own, else None (the LLM tokenizer's)."""
+        if chat_template is None:
+            chat_template = self.chat_template
+            if isinstance(chat_template, dict):
+                chat_template = chat_template.get("default")
+        elif isinstance(self.chat_template, dict) and chat_template in self.chat_template:
+            chat_template = self.chat_template[chat_template]
+        return chat_template
+
+    def _render(self, messages, chat_template=None, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template, **kwargs)
+
+    def assistant_turn_spans(self, messages, learn_from: int = 0, chat_template=None, **kwargs) -> list[tuple[int, int]]:
+        """Character spans of each assistant turn from message `learn_from` on (its content and end-of-turn marker)
+        in the rendered chat."""
         spans = []
         for index, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or index < learn_from:
                 continue
-            prefix = self._render(messages[:index], add_generation_prompt=True) if index else ""
-            upto = self._render(messages[: index + 1])
+            prefix = self._render(messages[:index], chat_template, add_generation_prompt=True, **kwargs) if index else ""
+            upto = self._render(messages[: index + 1], chat_template, **kwargs)
             if not upto.startswith(prefix):
                 raise ValueError("the chat template does not render conversations prefix-consistently; cannot mask assistant turns")
             spans.append((len(prefix), len(upto)))
         return spans
 
+    def render_conversation(self, messages, learn_from: int = 0, chat_template=None, **template_kwargs):
+        """One conversation -> (rendered text with one `<protein>` per protein, proteins in order, character spans of
+        the assistant turns from message `learn_from` on). What the training collator tokenizes."""
+        chat_template = self._template(chat_template)
+        text_messages, proteins = self._template_messages(messages, chat_template)
+        text = self._render(text_messages, chat_template, **template_kwargs)
+        return text, proteins, self.assistant_turn_spans(text_messages, learn_from, chat_template, **template_kwargs)
+
     def apply_chat_template(
         self,
         conversation,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        return_assistant_tokens_mask: bool = False,
         tokenize: bool = False,
-        return_dict: bool = False,
         return_tensors=None,
+        return_dict: bool = False,
+        processor_kwargs: dict | None = None,
         padding: bool | str = True,
         padding_side: str | None = None,
-        return_assistant_tokens_mask: bool = False,
-        continue_final_message: bool = False,
+        retrieval: bool | None = None,
         **kwargs,
     ):
         """Render (and optionally tokenize) one conversation or a batch of them.
 
-        With `tokenize=False` returns the rendered string(s) with one `<protein>` per protein. With
-        `tokenize=True` and `return_dict=True` returns what `__call__` returns (plus `assistant_masks` when
-        `return_assistant_tokens_mask=True`: 1 on assistant answer tokens, the only ones training learns from).
+        Same signature as `ProcessorMixin.apply_chat_template`: `chat_template` (a Jinja string or a template name),
+        `tools`, `documents` and any other `**kwargs` reach the template; `processor_kwargs` reach `__call__`
+        (`padding`, `padding_side` are accepted directly too). With `tokenize=False` returns the rendered string(s)
+        with one `<protein>` per protein. With `tokenize=True` and `return_dict=True` returns what `__call__`
+        returns (plus `assistant_masks` when `return_assistant_tokens_mask=True`: 1 on assistant answer tokens, the
+        only ones training learns from).
+        `retrieval`: None (default) adds the retrieval database's neighbours after each protein when the processor
+        has one (a message holding a neighbours block is kept as given); False never; True requires a database.
         """
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
+        if retrieval and self.retrieval_database is None:
+            raise ValueError("retrieval=True but this processor has no retrieval database (the model folder has no retrieval/)")
+        if retrieval is not False and self.retrieval_database is not None:
+            conversations = self.retrieval_database.augment([list(messages) for messages in conversations])
+        chat_template = self._template(chat_template)
+        template_kwargs = {k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None}
+        template_kwargs.update(kwargs)
         rendered, proteins, spans = [], [], []
         for messages in conversations:
-            text_messages, conversation_proteins = self.split_messages(messages)
+            text_messages, conversation_proteins = self._template_messages(messages, chat_template)
             rendered.append(
                 self._render(
                     text_messages,
+                    chat_template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,
-                    **kwargs,
+                    **template_kwargs,
                 )
             )
             proteins.append(conversation_proteins)
             if return_assistant_tokens_mask:
-                spans.append(self.assistant_char_spans(text_messages))
+                spans.append(self.assistant_turn_spans(text_messages, 0, chat_template, **template_kwargs))
         if not tokenize:
             return rendered if batched else rendered[0]
+        call_kwargs = {
+            "padding": padding,
+            "padding_side": padding_side,
+            "add_special_tokens": False,  # the chat template already holds BOS where the model wants one
+            **(processor_kwargs or {}),
+        }
+        if return_tensors is not None and return_tensors != "auto":
+            call_kwargs["return_tensors"] = return_tensors
         out = self(
             text=rendered,
             proteins=proteins,
-            padding=padding,
-            padding_side=padding_side,
-            return_tensors=return_tensors,
-            add_special_tokens=False,  # the chat template already holds BOS where the model wants one
             assistant_char_spans=spans if return_assistant_tokens_mask else None,
+            **call_kwargs,
         )
         return out if return_dict else out["input_ids"]
+
+    def data_collator(self, max_length: int | None = None, pad_to_multiple_of: int | None = None) -> ProtLLMDataCollator:
+        """The training collator for this processor (for `SFTTrainer(data_collator=...)`): rows with `messages` or
+        `prompt`/`completion` -> padded batches with labels on the answer tokens only; see `ProtLLMDataCollator`."""
+        return ProtLLMDataCollator(self, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -441,4 +605,4 @@ class ProtLLMProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-__all__ = ["ProtLLMProcessor", "ProteinInputError", "build_protein_tokenizer", "clean_sequence"]
+__all__ = ["ProtLLMProcessor", "ProtLLMProcessorKwargs", "ProteinInputError", "build_protein_tokenizer", "clean_sequence"]

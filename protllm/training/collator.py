@@ -20,9 +20,11 @@ class ProtLLMDataCollator(_RemoteCodeCollator):
     `protein_embeds_mask`).
     """
 
-    def __init__(self, processor, max_length: int | None = None, feature_cache: "FeatureCache | None" = None):
+    def __init__(self, processor, max_length: int | None = None, feature_cache: "FeatureCache | None" = None,
+                 padding_free: bool = False):
         super().__init__(processor, max_length=max_length)
         self.feature_cache = feature_cache
+        self.padding_free = padding_free  # TRL's `padding_free`: one packed row, position_ids restart per example
 
     def row_messages(self, row: dict):
         if row.get("messages") or "prompt" in row:
@@ -33,7 +35,30 @@ class ProtLLMDataCollator(_RemoteCodeCollator):
         batch = super().__call__(rows)
         if self.feature_cache is not None and "protein_input_ids" in batch:
             batch = self.feature_cache.swap_in(batch)
+        if self.padding_free:
+            batch = pack_rows(batch)
         return batch
+
+
+def pack_rows(batch: dict) -> dict:
+    """Right-padded `(B, S)` text tensors -> one `(1, sum_b L_b)` row without padding (TRL's `padding_free`):
+    `position_ids` restart at 0 for every example and there is no `attention_mask` (transformers derives the
+    block-diagonal causal mask from the position_ids; flash attention uses them directly). Each example's first
+    label is -100, so no token is predicted across a boundary. Protein tensors keep their order, so the `<protein>`
+    placeholders still meet their proteins in order."""
+    import torch
+
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    packed = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask", "labels")}
+    packed["input_ids"] = torch.cat([batch["input_ids"][row, :n] for row, n in enumerate(lengths)]).unsqueeze(0)
+    labels = [batch["labels"][row, :n].clone() for row, n in enumerate(lengths)]
+    for row_labels in labels:
+        row_labels[0] = -100
+    packed["labels"] = torch.cat(labels).unsqueeze(0)
+    packed["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    # transformers builds the block-diagonal mask from position_ids only without a KV cache (training).
+    packed["use_cache"] = False
+    return packed
 
 
 __all__ = ["ProtLLMDataCollator"]
