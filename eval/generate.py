@@ -13,6 +13,7 @@ predictions (``<predictions>.settings.json``); resuming with different settings 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -177,14 +178,21 @@ class FilePredictor:
         return sum(1 for k in self.preds if k not in ids)
 
 
-def build_messages(ex: dict) -> list[dict]:
-    """Chat messages of the model folder contract for one example."""
+def build_messages(ex: dict, no_neighbours: bool = False) -> list[dict]:
+    """Chat messages of the model folder contract for one example.
+
+    `no_neighbours=True` puts an empty neighbours block after each protein: the prompt says that no similar protein
+    is known (what a retrieval model saw in training for proteins without neighbours), so the answer rests on the
+    protein tokens alone.
+    """
     content = []
     for p in ex.get("proteins") or []:
         block = {"type": "protein", "sequence": p.get("sequence") or ""}
         if p.get("structure"):
             block["structure"] = p["structure"]
         content.append(block)
+        if no_neighbours:
+            content.append({"type": "neighbours", "neighbours": []})
     content.append({"type": "text", "text": ex.get("question") or ""})
     return [{"role": "user", "content": content}]
 
@@ -199,7 +207,7 @@ class ModelPredictor:
     def __init__(self, model_dir, max_new_tokens: int = 128, do_sample: bool = False, seed: int = 0,
                  temperature: float | None = None, top_p: float | None = None, num_beams: int = 1,
                  device: str | None = None, dtype: str | None = None, model=None, processor=None,
-                 name: str | None = None):
+                 name: str | None = None, retrieval: bool = True):
         self.model_dir = str(model_dir)
         self.name = name or Path(self.model_dir.rstrip("/")).name or "model"
         self.max_new_tokens = max_new_tokens
@@ -211,6 +219,23 @@ class ModelPredictor:
         self.device = device
         self.dtype = dtype
         self._model, self._proc = model, processor
+        if model is None or processor is None:
+            from protllm.remote_code import check_auto_map
+
+            # Before transformers reads the folder: trust_remote_code runs whatever its auto_map names.
+            check_auto_map(self.model_dir)
+        self.retrieval = retrieval
+
+    def without_retrieval(self) -> "ModelPredictor":
+        """The same model (shared weights) answering without its retrieval database, named `<name>+no_retrieval`."""
+        twin = copy.copy(self)
+        twin.retrieval = False
+        twin.name = f"{self.name}+no_retrieval"
+        return twin
+
+    def _database(self):
+        self._load()
+        return getattr(self._proc, "retrieval_database", None)
 
     def _load(self):
         if self._model is not None and self._proc is not None:
@@ -238,8 +263,11 @@ class ModelPredictor:
         return kw
 
     def settings(self):
+        database = self._database() if self.model_dir and Path(self.model_dir).is_dir() or self._proc is not None else None
         return {"model_dir": self.model_dir, **self.generation_kwargs(),
-                "seed": self.seed if self.do_sample else None, "dtype": self.dtype, "padding_side": "left"}
+                "seed": self.seed if self.do_sample else None, "dtype": self.dtype, "padding_side": "left",
+                "retrieval": bool(self.retrieval and database is not None),
+                "retrieval_database_size": None if database is None else len(database)}
 
     def predict(self, examples):
         """Answers for ``examples``; a batch that runs out of memory is split in halves and retried (an example
@@ -260,7 +288,9 @@ class ModelPredictor:
         tok = getattr(self._proc, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"
-        msgs = [build_messages(ex) for ex in examples]
+        # Without retrieval, a model that has a database is told "none found" (as in training); one without sees no block.
+        no_neighbours = not self.retrieval and getattr(self._proc, "retrieval_database", None) is not None
+        msgs = [build_messages(ex, no_neighbours=no_neighbours) for ex in examples]
         inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                 return_tensors="pt", padding=True)
         dev = getattr(self._model, "device", self.device)

@@ -24,3 +24,17 @@ def run_fresh_python(script: str, cwd, timeout: int = 300) -> str:
     if result.returncode != 0:
         raise AssertionError(f"fresh process failed (rc={result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result.stdout
+
+
+def kill_when_printed(args, marker: str, cwd, env) -> None:
+    """Start `args`, wait until it prints a line containing `marker` (it then hangs mid-write), SIGKILL it."""
+    import signal
+
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = ""
+    while marker not in line:  # tqdm writes \r-separated bars on the same line
+        line = process.stdout.readline()
+        assert line or process.poll() is None, f"the child ended before printing {marker}"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL

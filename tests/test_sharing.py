@@ -12,11 +12,15 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
-import sharing
 from fresh_process import run_fresh_python
-from model_folder import REMOTE_CODE_FILES
 from pipeline_protllm import ProteinFunctionPipeline
-from tiny_protllm import build_tiny_protllm
+from protllm import sharing
+from protllm.model_folder import REMOTE_CODE_FILES, load_model_folder, save_model_folder
+from protllm.remote_code import ForeignCodeError, auto_map_problems
+from protllm.sharing.__main__ import main as sharing_cli
+from protllm.sharing.hub import _adapter_weights
+from protllm.sharing.snippet import README_REPO_ID
+from protllm.testing import build_tiny_protllm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MSDNGPQNQRNAPRITFGGPSDSTGSNQNGERSGARSKQRRPQGLPNNTASWFTALTQHGK", "MALWMRLLPLLALLALWGPDPAAA"]
@@ -78,7 +82,8 @@ def shared(tmp_path_factory, tiny):
     """A Hub-ready folder, pushed with HfApi patched; what would have been uploaded is recorded."""
     model, processor = tiny
     folder = tmp_path_factory.mktemp("hub") / "tiny-model"
-    sharing.save_for_hub(model, processor, folder, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=METRICS)
+    save_model_folder(model, processor, folder)
+    sharing.prepare_model_folder(folder, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=METRICS)
     uploaded = {}
 
     def fake_upload(self, *, repo_id, folder_path, **kwargs):
@@ -143,7 +148,7 @@ def test_card_snippet_and_readme_section_are_the_same_code(shared):
     card_code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
     doc_code = readme_snippet()
     assert card_code.strip() == sharing.usage_snippet(REPO_ID).strip()
-    assert doc_code.strip() == sharing.usage_snippet("org/name").strip()
+    assert doc_code == sharing.usage_snippet(README_REPO_ID)
 
 
 # ----- the exact uploaded folder, loaded where the repository is not importable -----------------------------
@@ -177,13 +182,11 @@ def test_uploaded_folder_loads_in_a_clean_process_with_the_same_answers(shared, 
 
 
 def readme_snippet() -> str:
-    """The python block of README.md's "Use a released model" section (the same as the cards' and the docs')."""
+    """The python block of README.md's "Use a released model" section (protllm/sharing/snippet.py is its source)."""
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("## Use a released model", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1, "README's 'Use a released model' section must hold exactly one python block"
-    docs = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "docs" / "use_a_released_model.md").read_text(), re.S)
-    assert docs == blocks, "README.md and docs/use_a_released_model.md (the card's source) disagree"
     return blocks[0]
 
 
@@ -191,8 +194,8 @@ def test_readme_snippet_runs_in_a_clean_process(shared, tiny, tmp_path):
     folder, _ = shared
     model, processor = tiny
     snippet = readme_snippet()
-    assert snippet.count('"org/name"') == 1
-    stdout = run_fresh_python(snippet.replace('"org/name"', repr(str(folder))), cwd=tmp_path)
+    assert snippet.count(f'"{README_REPO_ID}"') == 1
+    stdout = run_fresh_python(snippet.replace(f'"{README_REPO_ID}"', repr(str(folder))), cwd=tmp_path)
     # The same steps with the original model in this process.
     sequence = sharing.EXAMPLE_SEQUENCE
     messages = ask(sequence)
@@ -241,6 +244,89 @@ def test_push_names_a_missing_auto_map_entry(copy_of):
     assert sharing.check_model_folder(copy_of) == ["config.json auto_map entry AutoModel"]
 
 
+# A module that leaves a mark when anything imports it: the code an attacker's auto_map would have transformers run.
+EVIL_MODULE = """
+import pathlib
+pathlib.Path(__file__).with_name("EVIL_CODE_RAN").touch()
+class ProtLLMConfig: pass
+"""
+
+
+def _plant_foreign_auto_map(folder: Path, case: str) -> Path:
+    """Point one code reference of `folder` outside our own files; returns where the attacker's module lies."""
+    elsewhere = folder.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    for place in (elsewhere / "evil.py", folder.parent / "evil.py", folder / "evil.py"):
+        place.write_text(EVIL_MODULE)
+    config_file, key, ref = {
+        "absolute path": ("config.json", "AutoConfig", f"{elsewhere}/evil.ProtLLMConfig"),
+        "parent folder": ("config.json", "AutoModelForCausalLM", "../evil.ProtLLMConfig"),
+        "other Hub repo": ("config.json", "AutoModel", "attacker/repo--modeling_protllm.ProtLLMModel"),
+        "processor from a Hub repo": ("processor_config.json", "AutoProcessor",
+                                      "attacker/repo--processing_protllm.ProtLLMProcessor"),
+        "tokenizer module not ours": ("tokenizer_config.json", "AutoTokenizer", ["evil.ProtLLMConfig", None]),
+        "pipeline from a Hub repo": ("config.json", "custom_pipelines", "attacker/repo--pipeline_protllm.X"),
+    }[case]
+    data = json.loads((folder / config_file).read_text())
+    if key == "custom_pipelines":
+        data["custom_pipelines"]["protein-function"]["impl"] = ref
+    else:
+        data.setdefault("auto_map", {})[key] = ref
+    (folder / config_file).write_text(json.dumps(data))
+    return elsewhere
+
+
+FOREIGN_CASES = ["absolute path", "parent folder", "other Hub repo", "processor from a Hub repo",
+                 "tokenizer module not ours", "pipeline from a Hub repo"]
+
+
+@pytest.mark.parametrize("case", FOREIGN_CASES)
+def test_push_and_load_refuse_an_auto_map_that_leaves_the_folder(copy_of, case):
+    """Issue 15 item 2: only `<module>.<Class>` of our remote-code files inside the folder is accepted."""
+    assert auto_map_problems(copy_of) == []
+    _plant_foreign_auto_map(copy_of, case)
+    problems = sharing.check_model_folder(copy_of)
+    assert len(problems) == 1 and "auto_map" in problems[0], problems
+    with mock.patch.object(HfApi, "create_repo") as create_repo, mock.patch.object(HfApi, "upload_folder") as upload:
+        with pytest.raises(sharing.ModelFolderError, match="auto_map"):
+            sharing.push_model_folder(copy_of, REPO_ID)
+    create_repo.assert_not_called()
+    upload.assert_not_called()
+    with pytest.raises(ForeignCodeError, match="auto_map"):
+        load_model_folder(copy_of)
+    assert not list(copy_of.parent.rglob("EVIL_CODE_RAN"))
+
+
+def test_eval_cli_refuses_a_model_folder_whose_auto_map_leaves_it(copy_of, tmp_path):
+    """The contract: `python -m eval` with such a folder exits non-zero and names `auto_map`; nothing of it runs."""
+    import subprocess
+    import sys
+
+    _plant_foreign_auto_map(copy_of, "absolute path")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "P1", "sequence": SEQS[0], "description": "Binds zinc."}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "eval", "--data", str(data), "--task", "function_text", "--predictor", str(copy_of),
+         "--out", str(tmp_path / "eval"), "--no_progress", "--bootstrap", "0", "--no_identity"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "auto_map" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not list(tmp_path.rglob("EVIL_CODE_RAN"))
+
+
+def test_merge_refuses_a_base_whose_auto_map_leaves_it(lora, tmp_path, capsys):
+    base_folder, adapter, _ = lora
+    base = tmp_path / "base"
+    shutil.copytree(base_folder, base)
+    _plant_foreign_auto_map(base, "other Hub repo")
+    with pytest.raises(ForeignCodeError, match="auto_map"):
+        sharing.merge_adapter(base, adapter, tmp_path / "merged")
+    assert sharing_cli(["merge", str(base), str(adapter), str(tmp_path / "merged")]) == 2
+    assert "auto_map" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_card_without_eval_results_warns(copy_of):
     sharing.write_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=None)
     card = ModelCard.load(copy_of / "README.md")
@@ -262,18 +348,18 @@ def test_metrics_without_retrieval_baseline_are_flagged(copy_of):
 def test_cli_card_and_push(copy_of, tmp_path, capsys):
     (tmp_path / "metrics.json").write_text(json.dumps(METRICS))
     (tmp_path / "args.json").write_text(json.dumps(TRAINING_ARGS))
-    assert sharing.main(["card", str(copy_of), "--metrics", str(tmp_path / "metrics.json"),
+    assert sharing_cli(["card", str(copy_of), "--metrics", str(tmp_path / "metrics.json"),
                          "--training-args", str(tmp_path / "args.json")]) == 0
     assert 'repo = "ORG/NAME"' in (copy_of / "README.md").read_text()
     with mock.patch.object(HfApi, "create_repo") as create_repo, mock.patch.object(HfApi, "upload_folder") as upload:
-        assert sharing.main(["push", str(copy_of), "--repo-id", "me/x", "--private"]) == 0
+        assert sharing_cli(["push", str(copy_of), "--repo-id", "me/x", "--private"]) == 0
     assert create_repo.call_args.kwargs["private"] is True and upload.call_args.kwargs["repo_id"] == "me/x"
     assert 'repo = "me/x"' in (copy_of / "README.md").read_text()  # placeholder filled at push time
     capsys.readouterr()
-    assert sharing.main(["push", str(copy_of), "--repo-id", "me/x"]) == 1  # offline: a clear error, no traceback
+    assert sharing_cli(["push", str(copy_of), "--repo-id", "me/x"]) == 1  # offline: a clear error, no traceback
     assert "offline mode is enabled" in capsys.readouterr().err
     (copy_of / "modeling_protllm.py").unlink()
-    assert sharing.main(["push", str(copy_of), "--repo-id", "me/x"]) == 2
+    assert sharing_cli(["push", str(copy_of), "--repo-id", "me/x"]) == 2
     assert "modeling_protllm.py" in capsys.readouterr().err
 
 
@@ -360,7 +446,7 @@ def test_push_adapter_checks_the_base_and_uploads_projector_weights(lora):
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded["files"])
     assert uploaded["config"]["base_model_name_or_path"] == REPO_ID
     assert "library_name: peft" in uploaded["card"] and f"base_model: {REPO_ID}" in uploaded["card"]
-    assert any(".projector." in key for key in sharing._adapter_weights(adapter))
+    assert any(".projector." in key for key in _adapter_weights(adapter))
 
 
 def _adapter_with_base(adapter, tmp_path, base):

@@ -174,12 +174,15 @@ class FeatureCache:
                 key = self.key(ids, coords, mask)
                 if key not in proteins:
                     proteins[key] = (len(ids), ids, coords, mask)
-        todo = sorted((length, key) for key, (length, *_) in proteins.items() if not self.path(key).is_file())
-        buckets = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        # Buckets over every protein, stored or not: every process cuts the same buckets whatever the others wrote.
+        ordered = sorted((length, key) for key, (length, *_) in proteins.items())
+        buckets = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
         mine = buckets[state.process_index :: state.num_processes]
         written = 0
         for bucket in tqdm(mine, desc="encoder feature cache", unit="batch", disable=not state.is_local_main_process):
-            written += self._fill_bucket([proteins[key] for _, key in bucket], [key for _, key in bucket])
+            missing = [key for _, key in bucket if not self.path(key).is_file()]  # resumable: stored ones are skipped
+            if missing:
+                written += self._fill_bucket([proteins[key] for key in missing], missing)
         state.wait_for_everyone()
         return written
 
