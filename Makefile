@@ -10,6 +10,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
+	[ -f outputs/demo/data/train.jsonl ] || OMP_NUM_THREADS=2 $(PY) -m data.build_demo --tasks outputs/demo/data
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 $(PY) train_sft.py --config configs/demo.yaml
 
 test: setup

@@ -15,6 +15,7 @@ validation / test, so test proteins are novel at that threshold.
 
     apt-get install -y mmseqs2 mmseqs2-examples
     OMP_NUM_THREADS=1 python -m data.build_demo            # writes data/demo/
+    OMP_NUM_THREADS=1 python -m data.build_demo --tasks outputs/demo/data   # + FP / EC / reaction from ../shared/data
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import datasets
 
-from .builders import BuildStats, build_records, protein_name, yes_no
+from .builders import BuildStats, build_records, ec_number, function_text, protein_name, reaction, yes_no
 from .card import FEATURES, make_card
 from .mmseqs import mmseqs_version
 from .readers import read_fasta
@@ -192,12 +194,100 @@ def load_demo_dataset(path: str | Path = DEMO_DIR) -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+TASK_SIZES = {"function_text": (600, 60), "ec_number": (600, 60)}  # (train, test) proteins per source
+MAX_SHARED_LEN = 512
+
+
+def _subsample(proteins: list[dict], n: int, seed: int) -> list[dict]:
+    from .splits import _order_key
+
+    return sorted(proteins, key=lambda p: _order_key(seed, p["accession"]))[:n]
+
+
+def build_tasks(out_dir: Path, shared: Path = SHARED_DATA, demo_dir: Path = DEMO_DIR, seed: int = SEED,
+                sizes: dict = TASK_SIZES) -> dict:
+    """The demo's multi-task train/test files, read in place from ../shared/data and data/demo (not committed).
+
+    - function_text: yeast proteins (Verified ORFs with an SGD description), the file's own 30%-identity split;
+    - ec_number and reaction: CLEAN split10 enzymes (not in the yeast set), split here by MMseqs2 clusters at
+      30% identity / 50% coverage;
+    - protein_name and yes_no: data/demo as committed.
+    Then one leakage pass over all proteins together: a test protein above 30% identity to any training protein
+    (of any task) moves to train, and the identity of every test protein to train is reported.
+    """
+    from .readers import read_clean_ec, read_yeast_function
+
+    t0 = time.time()
+    stats = BuildStats()
+    yeast = [p for p in read_yeast_function(shared / "function" / "yeast_function.jsonl", stats)
+             if p.get("orf_qualifier") == "Verified" and len(p["sequence"]) <= MAX_SHARED_LEN
+             and (p.get("description") or "").strip() and p.get("split") in ("train", "test")]
+    yeast_ids = {p["accession"] for p in yeast}
+    n_train, n_test = sizes["function_text"]
+    fp = {"train": _subsample([p for p in yeast if p["split"] == "train"], n_train, seed),
+          "test": _subsample([p for p in yeast if p["split"] == "test"], n_test, seed)}
+    clean = [p for p in read_clean_ec(shared / "ec" / "clean_split10.jsonl", stats)
+             if p["accession"] not in yeast_ids and len(p["sequence"]) <= MAX_SHARED_LEN and p.get("ec")]
+    n_train, n_test = sizes["ec_number"]
+    clean = _subsample(clean, n_train + 3 * n_test, seed)
+    assign, _ = cluster_split(clean, {"train": 0.8, "test": 0.2}, seed=seed, min_seq_id=0.3, coverage=0.5)
+    ec = {s: [p for p in clean if assign[p["accession"]] == s] for s in ("train", "test")}
+    ec["test"] = _subsample(ec["test"], n_test, seed)
+    ec["train"] = _subsample(ec["train"], n_train, seed)
+    demo_rows = {s: [json.loads(line) for line in open(demo_dir / f"{s}.jsonl") if line.strip()] for s in ("train", "test")}
+    # One leakage pass over every protein of every task.
+    everything = {p["accession"]: p for s in ("train", "test") for p in fp[s] + ec[s]}
+    split_of = {p["accession"]: s for s in ("train", "test") for p in fp[s] + ec[s]}
+    for s, rows in demo_rows.items():
+        for row in rows:
+            protein = row["proteins"][0]
+            everything.setdefault(protein["accession"], {"accession": protein["accession"], "sequence": protein["sequence"]})
+            split_of.setdefault(protein["accession"], s)
+    split_of, moved = purge_leakage(list(everything.values()), split_of, threshold=0.3)
+    records = {"train": [], "test": []}
+    for source, proteins, builders in (("yeast_function", fp, (function_text,)), ("clean_split10", ec, (ec_number, reaction))):
+        for s in ("train", "test"):
+            for p in proteins[s]:
+                for builder in builders:
+                    records[split_of[p["accession"]]].extend(builder(p, split_of[p["accession"]], seed, source, stats))
+    for s, rows in demo_rows.items():
+        for row in rows:
+            target = split_of[row["proteins"][0]["accession"]]
+            records[target].append({**row, "split": target})
+    seqs = {s: {a: everything[a]["sequence"] for a, t in split_of.items() if t == s} for s in ("train", "test")}
+    ident = identity_report(seqs["train"], seqs["test"], threshold=0.3)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s in ("train", "test"):
+        with open(out_dir / f"{s}.jsonl", "w") as fh:
+            for r in records[s]:
+                fh.write(json.dumps(r, sort_keys=True) + "\n")
+    tasks = {s: dict(sorted(Counter(r["task"] for r in records[s]).items())) for s in ("train", "test")}
+    summary = {"rows_per_task": tasks, "proteins": {s: len(v) for s, v in seqs.items()},
+               "moved_to_train_identity>0.3": moved, "identity": {k: v for k, v in ident.items() if k != "per_protein"},
+               "sources": {"function_text": str(shared / "function" / "yeast_function.jsonl"),
+                           "ec_number, reaction": str(shared / "ec" / "clean_split10.jsonl"),
+                           "protein_name, yes_no": str(demo_dir)},
+               "seed": seed, "seconds": round(time.time() - t0, 1)}
+    (out_dir / "build_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEMO_DIR)
     ap.add_argument("--examples-dir", type=Path, default=EXAMPLES_DIR)
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--tasks", type=Path, default=None,
+                    help="instead: write the demo's multi-task train/test files (yeast FP, CLEAN EC/reaction, data/demo "
+                         "names and yes/no; read in place from ../shared/data) into this folder")
+    ap.add_argument("--shared", type=Path, default=SHARED_DATA)
     a = ap.parse_args(argv)
+    if a.tasks:
+        summary = build_tasks(a.tasks, a.shared, seed=a.seed)
+        print(json.dumps(summary, indent=1))
+        return 0
     summary = build(a.out, a.examples_dir, a.seed)
     print(json.dumps({k: v for k, v in summary.items() if k != "stats"}, indent=1))
     print(json.dumps(summary["stats"]["counts"], indent=1))

@@ -105,7 +105,7 @@ def test_derangement_and_shuffled_wrapper():
 def test_real_tiny_protllm_batched_resumable_equals_one_at_a_time(tmp_path):
     pytest.importorskip("torch")
     try:
-        from tiny_protllm import build_tiny_protllm
+        from protllm.testing import build_tiny_protllm
     except Exception as exc:  # core not importable here
         pytest.skip(f"ProtLLM core not importable: {exc}")
     model, proc = build_tiny_protllm("llama", seed=0)
@@ -126,8 +126,8 @@ def test_cli_with_saved_model_folder_and_shuffled_proteins(tmp_path):
     """The model-folder contract end to end: save a tiny ProtLLM, evaluate it with python -m eval."""
     pytest.importorskip("torch")
     try:
-        from model_folder import save_model_folder
-        from tiny_protllm import build_tiny_protllm
+        from protllm.model_folder import save_model_folder
+        from protllm.testing import build_tiny_protllm
     except Exception as exc:
         pytest.skip(f"ProtLLM core not importable: {exc}")
     from eval.__main__ import main

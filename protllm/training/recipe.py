@@ -50,7 +50,7 @@ def _protllm_config_fields() -> set[str]:
     from configuration_protllm import ProtLLMConfig
 
     fields = {field.name for field in dataclasses.fields(ProtLLMConfig)}
-    return fields - {"protein_config", "text_config", "protein_token_id"}
+    return fields - {"protein_config", "text_config", "protein_token_id", "protein_start_token_id", "protein_end_token_id"}
 
 
 def validate_recipe(recipe: dict, path="recipe") -> dict:

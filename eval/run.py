@@ -1,0 +1,221 @@
+"""`run_evaluation`: evaluate predictors on a data file, write the report, return the metrics.
+
+The function a script calls; `python -m eval` parses its flags into these arguments and calls it.
+
+    from eval.run import run_evaluation
+    metrics = run_evaluation("data/demo/test.jsonl", ["outputs/demo/model", "retrieval", "most_common"], "outputs/ev",
+                             train="data/demo/train.jsonl", shuffled_proteins=True, no_retrieval=True)
+    metrics["tasks"]["protein_name"]["predictors"]["model"]["metrics"]["rougeL"]   # {"value", "ci_low", "ci_high"}
+
+Predictors: a model folder (ProtLLM contract: with its own retrieval database when the folder has `retrieval/`),
+`most_common`, `retrieval` (MMseqs2 nearest neighbour in `train`) or `file:PRED.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _limit(examples, n):
+    per: dict = {}
+    kept = []
+    for ex in examples:
+        if per.get(ex["task"], 0) < n:
+            per[ex["task"]] = per.get(ex["task"], 0) + 1
+            kept.append(ex)
+    return kept
+
+
+def _first_sequence(ex):
+    return ex["proteins"][0]["sequence"] if ex["proteins"] and ex["proteins"][0].get("sequence") else None
+
+
+def run_evaluation(
+    data,
+    predictors: list[str],
+    out,
+    *,
+    task: str = "auto",
+    split: str | None = None,
+    train=None,
+    train_split: str | None = None,
+    holdout: float | None = None,
+    holdout_by: str = "id",
+    seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    shuffled_proteins: bool = False,
+    no_retrieval: bool = False,
+    bootstrap: int = 1000,
+    bertscore_model: str | None = None,
+    meteor: bool = True,
+    identity: bool = True,
+    threads: int = 1,
+    sensitivity: float | None = 7.5,
+    examples_shown: int = 5,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Evaluate `predictors` on `data`; write `report.md`, `metrics.json`, `predictions.jsonl` under `out`.
+
+    Returns the `metrics.json` payload: `{"header": {...}, "tasks": {task: {"predictors": {name: {"metrics":
+    {metric: {"value", "ci_low", "ci_high"}}, "primary", "counts", ...}}, "family", "n"}}}`.
+    `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
+    before the model, so before its retrieval too); `no_retrieval` adds `<model>+no_retrieval` (the prompt says no
+    similar protein is known: the encoder path alone). Raises `ValueError` when `data` yields no examples.
+    """
+    from .data import holdout_split, load_examples
+    from .generate import FilePredictor, ModelPredictor, run_generation
+    from .report import score_predictor, write_report
+
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_stats: dict = {}
+    notes: list[str] = []
+    train_examples = None
+    if holdout:
+        every = load_examples(data, task, split=split, stats=data_stats)
+        if holdout_by == "cluster":
+            from data.mmseqs import easy_cluster
+
+            seqs = {ex["id"]: s for ex in every if (s := _first_sequence(ex))}
+            clusters = easy_cluster(seqs, min_seq_id=0.3, coverage=0.5, threads=threads)
+            for ex in every:
+                ex["meta"]["cluster"] = clusters.get(ex["id"], ex["id"])
+        train_examples, examples = holdout_split(every, holdout, seed, key="cluster" if holdout_by == "cluster" else "id")
+        unit = "<MMseqs2 cluster representative, 30% identity / 50% coverage>" if holdout_by == "cluster" else "<id>"
+        notes.append(f"Seeded holdout of --data: an example is test when sha256('{seed}:{unit}') maps below "
+                     f"{holdout} (train {len(train_examples)}, test {len(examples)}).")
+        if limit:
+            examples = _limit(examples, limit)
+    else:
+        examples = load_examples(data, task, split=split, limit=limit, stats=data_stats)
+        if train:
+            tsplit = train_split or ("train" if _same_file(train, data) else None)
+            tasks = sorted({ex["task"] for ex in examples}) or [task]
+            train_examples = load_examples(train, ",".join(tasks), split=tsplit)
+            test_ids = {ex["id"] for ex in examples}
+            overlap = sum(1 for ex in train_examples if ex["id"] in test_ids)
+            if overlap:
+                notes.append(f"{overlap} training examples share an id with a test example (leakage check).")
+    if not examples:
+        raise ValueError(f"no examples for task {task!r} in {data} (split {split})")
+    by_task: dict[str, list] = {}
+    for ex in examples:
+        by_task.setdefault(ex["task"], []).append(ex)
+
+    identities: dict[str, dict] = {}
+    if train_examples and identity:
+        from data.mmseqs import easy_search
+
+        for name, exs in by_task.items():
+            q = {e["id"]: s for e in exs if (s := _first_sequence(e))}
+            t = {e["id"]: s for e in train_examples if e["task"] == name and (s := _first_sequence(e))}
+            best: dict[str, float | None] = {k: None for k in q}
+            for h in easy_search(q, t, threads=threads, sensitivity=sensitivity) if q and t else []:
+                if h["target"] != h["query"] and (best[h["query"]] is None or h["identity"] > best[h["query"]]):
+                    best[h["query"]] = h["identity"]
+            identities[name] = best
+
+    runs = []  # (predictor, batch size)
+    names_seen: set = set()
+    for spec in predictors:
+        if spec == "most_common":
+            from .baselines import MostCommon
+
+            if not train_examples:
+                raise ValueError("most_common needs --train or --holdout")
+            p, bs = MostCommon(train_examples), 10**9
+        elif spec == "retrieval":
+            from .baselines import Retrieval
+
+            if not train_examples:
+                raise ValueError("retrieval needs --train or --holdout")
+            p, bs = Retrieval(train_examples, threads=threads, sensitivity=sensitivity), 10**9
+        elif spec.startswith("file:"):
+            p, bs = FilePredictor(spec[5:]), 10**9
+        elif Path(spec).is_dir():
+            p = ModelPredictor(spec, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
+                               temperature=temperature, top_p=top_p, device=device, dtype=dtype)
+            bs = batch_size
+        else:
+            raise ValueError(f"unknown predictor {spec!r}: not a folder, most_common, retrieval or file:PATH")
+        base = p.name
+        k = 2
+        while p.name in names_seen:
+            p.name = f"{base}_{k}"
+            k += 1
+        names_seen.add(p.name)
+        runs.append((p, bs))
+        if isinstance(p, ModelPredictor):
+            if shuffled_proteins:
+                from .baselines import ShuffledProteins
+
+                runs.append((ShuffledProteins(p, seed=seed).fit(examples), bs))
+            if no_retrieval:
+                runs.append((p.without_retrieval(), bs))
+
+    results: dict = {}
+    predictions: dict = {}
+    for name, exs in by_task.items():
+        results[name] = {"predictors": {}}
+        predictions[name] = {}
+        for p, bs in runs:
+            path = out / "predictions" / name / f"{p.name}.jsonl"
+            preds = run_generation(p, exs, path, batch_size=bs, progress=progress)
+            extra = {}
+            if isinstance(p, FilePredictor):
+                extra = {"extra_ids_in_file": p.extra_ids(examples), "missing_predictions_in_file": sum(
+                    1 for e in exs if e["id"] not in p.preds), "invalid_lines": p.info["invalid_lines"],
+                    "duplicate_ids_in_file": p.info["duplicate_ids"]}
+            if getattr(p, "no_hit", None) is not None and p.name == "retrieval":
+                no_hit = sum(1 for e in exs if p.neighbour.get(e["id"]) is None)
+                extra["retrieval_no_hit"] = no_hit
+                notes.append(f"{name}: retrieval found no hit (MMseqs2 -s {sensitivity or 'default 5.7'}) for {no_hit} of "
+                             f"{len(exs)} test proteins; a no-hit predicts the most-common training answer.")
+            res = score_predictor(name, exs, preds, identities.get(name), bootstrap=bootstrap, seed=seed,
+                                  meteor=meteor, bertscore_model=bertscore_model, extra_counts=extra)
+            results[name]["predictors"][p.name] = res
+            predictions[name][p.name] = preds
+        results[name]["family"] = next(iter(results[name]["predictors"].values()))["family"]
+        results[name]["n"] = len(exs)
+
+    with open(out / "predictions.jsonl", "w") as fh:
+        for name, exs in by_task.items():
+            for ex in exs:
+                fh.write(json.dumps({"task": name, "id": ex["id"], "reference": ex["reference"],
+                                     "nearest_identity": identities.get(name, {}).get(ex["id"]),
+                                     "predictions": {n: predictions[name][n].get(ex["id"]) for n in predictions[name]}})
+                         + "\n")
+    header = {
+        "command": command or f"run_evaluation({str(data)!r}, {predictors!r}, {str(out)!r})",
+        "data": str(data), "split": split, "train": None if train is None else str(train),
+        "train_split": train_split or (("train" if train and _same_file(train, data) else None)),
+        "holdout": holdout, "seed": seed, "bootstrap": bootstrap,
+        "data_stats": data_stats, "n_train": len(train_examples) if train_examples else None,
+        "identity": None if not identities else (f"max MMseqs2 identity (fident; easy-search, -s {sensitivity or 'default 5.7'}) "
+                                                 "to any training protein of the task; no hit = nothing found at that sensitivity"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": None, "notes": notes,
+    }
+    header["seconds"] = round(time.time() - t0, 1)
+    write_report(out, results, by_task, predictions, header, n_examples_shown=examples_shown, identities=identities)
+    print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, {out / 'predictions.jsonl'} "
+          f"({header['seconds']} s)", file=sys.stderr)
+    return json.loads((out / "metrics.json").read_text())  # exactly what the file holds (NaN cleaned)

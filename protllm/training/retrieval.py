@@ -1,0 +1,139 @@
+"""Retrieval during training: build the model's database from its training rows and add honest neighbours.
+
+Recipe switch (`model.retrieval:`; keys checked by `recipe.py`):
+
+    model:
+      retrieval:
+        k: 3                      # neighbours per protein
+        max_identity: 0.3         # training neighbours above this identity are dropped (test proteins are <=30%)
+        exclusion: leave_one_out  # or `cluster`: also drop proteins of the query's cluster (row meta `cluster`)
+        max_evalue: 0.01
+        max_annotation_chars: 160
+        fields: [protein_name, function_text, ec_number, reaction]   # the tasks whose answers annotate a protein
+
+Every training protein is searched against the database of all training proteins, excluding itself (and its
+cluster), and every neighbour above `max_identity`: the model learns to use distant homologs, not to copy an
+identical one. Each user message gets a neighbours block after each protein, empty ("none found") when nothing
+passes, so training prompts look exactly like inference prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from retrieval_protllm import RetrievalDatabase
+
+logger = logging.getLogger("protllm.train")
+
+DEFAULT_FIELDS = ("protein_name", "function_text", "ec_number", "reaction", "keywords")
+EXCLUSIONS = ("leave_one_out", "cluster")
+
+
+def _meta(row) -> dict:
+    meta = row.get("meta")
+    if isinstance(meta, str):
+        try:
+            return json.loads(meta) or {}
+        except json.JSONDecodeError:
+            return {}
+    return meta or {}
+
+
+def _answer(row) -> str | None:
+    if row.get("answer") is not None:
+        return row["answer"]
+    for message in row.get("messages") or []:
+        if message.get("role") == "assistant":
+            content = message.get("content")
+            return content if isinstance(content, str) else " ".join(b.get("text") or "" for b in content or [])
+    return None
+
+
+def protein_key(protein: dict) -> str:
+    """The database id of a row's protein: its accession, else its sequence (two rows of one protein share it)."""
+    return str(protein.get("accession") or protein.get("id") or protein["sequence"])
+
+
+def database_records(rows, fields=DEFAULT_FIELDS):
+    """`RetrievalDatabase.from_records` input from dataset rows: one record per (protein, task in `fields`)."""
+    for row in rows:
+        proteins = row.get("proteins") or []
+        if len(proteins) != 1 or not proteins[0].get("sequence"):
+            continue  # multi-protein or protein-less rows annotate no single protein
+        meta = _meta(row)
+        field = row.get("task")
+        yield {"id": protein_key(proteins[0]), "sequence": proteins[0]["sequence"], "cluster": meta.get("cluster"),
+               "field": field, "text": _answer(row) if field in fields else None}
+
+
+def build_database(rows, spec: dict, sources: list[str]) -> RetrievalDatabase:
+    """The retrieval database of every training protein, with the answers of `spec['fields']` as annotations."""
+    fields = tuple(spec.get("fields") or DEFAULT_FIELDS)
+    config = {"k": spec.get("k", 3), "max_evalue": spec.get("max_evalue", 0.01),
+              "max_annotation_chars": spec.get("max_annotation_chars", 160), "sources": list(sources),
+              "training": {"max_identity": spec.get("max_identity", 0.3),
+                           "exclusion": spec.get("exclusion", "leave_one_out")}}
+    database = RetrievalDatabase.from_records(database_records(rows, fields), config)
+    # Proteins without any annotation of `fields` (yes/no only) stay: they count as neighbours of nothing useful.
+    database.entries = [e for e in database.entries if e["annotations"]]
+    return database
+
+
+def training_neighbours(database: RetrievalDatabase, proteins: dict[str, str], spec: dict) -> dict[str, list[dict]]:
+    """`{protein id: neighbours}` for training proteins `{id: sequence}`, leave-one-out and identity-capped."""
+    ids = list(proteins)
+    exclusion = spec.get("exclusion", "leave_one_out")
+    if exclusion not in EXCLUSIONS:
+        raise ValueError(f"model.retrieval.exclusion must be one of {EXCLUSIONS}, got {exclusion!r}")
+    found = database.search([proteins[i] for i in ids], exclude=[[i] for i in ids],
+                            max_identity=spec.get("max_identity", 0.3), exclude_same_cluster=exclusion == "cluster")
+    return dict(zip(ids, found))
+
+
+def add_neighbours(dataset, database: RetrievalDatabase, spec: dict):
+    """`dataset` with a neighbours block after every protein of every user message; returns `(dataset, stats)`."""
+    proteins = {}
+    for row in dataset:
+        for protein in row.get("proteins") or []:
+            if protein.get("sequence"):
+                proteins.setdefault(protein_key(protein), protein["sequence"])
+    by_sequence = {}
+    neighbours = training_neighbours(database, proteins, spec)
+    for key, sequence in proteins.items():
+        by_sequence.setdefault(sequence, neighbours[key])
+
+    def with_blocks(row):
+        messages = []
+        for message in row["messages"]:
+            content = message["content"]
+            if message["role"] != "user" or isinstance(content, str) or any(b.get("type") == "neighbours" for b in content):
+                messages.append(message)
+                continue
+            blocks = []
+            for block in content:
+                blocks.append(block)
+                if block.get("type") == "protein" and block.get("sequence"):
+                    found = by_sequence.get(block["sequence"].strip().upper(), by_sequence.get(block["sequence"], []))
+                    rendered = database.neighbours_block(found)["text"]
+                    # Same keys as the other blocks, so the Arrow schema of `messages` is unchanged.
+                    blocks.append({**{k: None for k in block}, "type": "neighbours", "text": rendered})
+            messages.append({**message, "content": blocks})
+        return {"messages": messages}
+
+    dataset = dataset.map(with_blocks, desc="adding retrieved neighbours")
+    counts = [len(v) for v in neighbours.values()]
+    stats = {"proteins": len(counts), "with_neighbours": sum(1 for c in counts if c),
+             "mean_neighbours": round(sum(counts) / max(len(counts), 1), 2),
+             "max_identity": spec.get("max_identity", 0.3), "exclusion": spec.get("exclusion", "leave_one_out")}
+    return dataset, stats
+
+
+def attach_retrieval(processor, dataset, spec: dict, sources: list[str]):
+    """Build the database from `dataset`, give it to `processor` (saved with every model folder), add neighbours."""
+    database = build_database(dataset, spec, sources)
+    dataset, stats = add_neighbours(dataset, database, spec)
+    database.config["training"].update(stats)
+    processor.retrieval_database = database
+    logger.info("retrieval: database of %d proteins; training neighbours %s", len(database), stats)
+    return dataset, stats

@@ -1,0 +1,310 @@
+"""Retrieval for ProtLLM: a database of known proteins and their annotations, a homology search, and the prompt block.
+
+A model folder may carry `retrieval/`; `ProtLLMProcessor.from_pretrained` loads it, and from then on every chat
+that holds a protein gets, right after each protein block, a `{"type": "neighbours", ...}` block listing the
+protein's nearest database proteins (identity, E-value, annotations). The protein tokens stay: retrieval adds text
+to the prompt, it does not replace the encoder. A user who passes a neighbours block (their own neighbours, or
+`{"type": "neighbours", "neighbours": []}` for none) is not overridden.
+
+Folder format (`retrieval/`, no pickle anywhere):
+
+    retrieval_config.json   {"format_version": 1, "k", "max_evalue", "max_annotation_chars", "tool", "size",
+                             "sources", "training": {"max_identity", "exclusion"}, ...}
+    database.jsonl          one protein per line: {"id", "sequence", "annotations": {field: text}, "cluster"?}
+    README.md               the same facts for a reader
+
+Search: SWORD heuristic filter + full Smith-Waterman (BLOSUM62, gap 10/1) through the pip package `pyswrd`, so
+loading a model from the Hub needs no system binary. Neighbours are ranked by E-value; `identity` is the
+identity over the aligned region (pyopal's `FullResult.identity()`), `coverage` the aligned fraction of the query.
+"""
+
+import json
+import os
+from pathlib import Path
+
+try:
+    import pyswrd
+except ImportError:  # optional: only searching needs it, loading and rendering do not
+    pyswrd = None
+
+DATABASE_DIR = "retrieval"
+DATABASE_FILE = "database.jsonl"
+CONFIG_FILE = "retrieval_config.json"
+FORMAT_VERSION = 1
+
+# How each annotation field is labelled in the prompt; fields not listed are shown under their own name.
+FIELD_LABELS = {"protein_name": "name", "function_text": "function", "ec_number": "EC", "reaction": "reaction",
+                "keywords": "keywords", "go": "GO"}
+NO_NEIGHBOURS_TEXT = "Similar proteins in the database: none found."
+
+
+class RetrievalError(ValueError):
+    """A retrieval database or neighbour list that cannot be used; the message names the entry or field."""
+
+
+def _format_neighbour(rank: int, neighbour: dict, max_annotation_chars: int) -> str:
+    facts = []
+    identity = neighbour.get("identity")
+    if identity is not None:
+        facts.append(f"{100 * float(identity):.0f}% identity")
+    if neighbour.get("evalue") is not None:
+        facts.append(f"E={float(neighbour['evalue']):.0e}")
+    annotations = []
+    for field, text in (neighbour.get("annotations") or {}).items():
+        text = " ".join(str(text).split())
+        if not text:
+            continue
+        if len(text) > max_annotation_chars:
+            text = text[: max_annotation_chars - 3].rstrip() + "..."
+        annotations.append(f"{FIELD_LABELS.get(field, field)}: {text}")
+    head = f"{rank}. " + (", ".join(facts) if facts else "neighbour")
+    return head + (" | " + " | ".join(annotations) if annotations else "")
+
+
+def render_neighbours(neighbours, max_annotation_chars: int = 160) -> str:
+    """The text a neighbours block becomes in the prompt (one line per neighbour, best first).
+
+    `neighbours`: a list of dicts with optional `identity` (0-1), `evalue` and `annotations` ({field: text}).
+    An empty list renders as "none found": the model is told that nothing similar is known.
+    """
+    if not neighbours:
+        return NO_NEIGHBOURS_TEXT
+    if not isinstance(neighbours, (list, tuple)):
+        raise RetrievalError(f"a neighbours block holds a list of neighbours, got {type(neighbours).__name__}")
+    lines = ["Similar proteins in the database:"]
+    for rank, neighbour in enumerate(neighbours, start=1):
+        if not isinstance(neighbour, dict):
+            raise RetrievalError(f"neighbour {rank}: expected a dict with identity/evalue/annotations, got {neighbour!r:.80}")
+        lines.append(_format_neighbour(rank, neighbour, max_annotation_chars))
+    return "\n".join(lines)
+
+
+def render_block(block: dict) -> str:
+    """Text of a `{"type": "neighbours"}` content block: its `text` when given, else its rendered `neighbours`."""
+    if block.get("text"):
+        return block["text"]
+    return render_neighbours(block.get("neighbours") or [])
+
+
+class RetrievalDatabase:
+    """Known proteins with annotations, searched by homology.
+
+    Args:
+        entries: dicts `{"id", "sequence", "annotations": {field: text}}` (+ optional `cluster`, `source`); ids unique.
+        config: search and rendering settings (`k`, `max_evalue`, `max_annotation_chars`, `threads`) and facts for
+            the card (`sources`, `training`), saved to `retrieval_config.json`.
+    """
+
+    def __init__(self, entries: list[dict], config: dict | None = None):
+        self.config = {"format_version": FORMAT_VERSION, "k": 3, "max_evalue": 0.01, "max_annotation_chars": 160,
+                       "tool": "pyswrd (SWORD filter + Smith-Waterman, BLOSUM62, gap 10/1)", **(config or {})}
+        seen = set()
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not entry.get("id") or not entry.get("sequence"):
+                raise RetrievalError(f"database entry {index}: needs a non-empty `id` and `sequence`, got {entry!r:.120}")
+            if entry["id"] in seen:
+                raise RetrievalError(f"database entry {index}: duplicate id {entry['id']!r}")
+            seen.add(entry["id"])
+        self.entries = list(entries)
+        self._targets = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"RetrievalDatabase({len(self)} proteins, k={self.config['k']})"
+
+    @classmethod
+    def from_records(cls, records, config: dict | None = None) -> "RetrievalDatabase":
+        """Merge `{"id", "sequence", "field", "text"}` records (one per annotation) into one entry per protein id.
+
+        A protein met twice with different sequences is an error naming it; the first text of a field wins.
+        """
+        by_id: dict[str, dict] = {}
+        for record in records:
+            key, sequence = record["id"], str(record["sequence"]).strip().upper()
+            entry = by_id.setdefault(key, {"id": key, "sequence": sequence, "annotations": {}})
+            if entry["sequence"] != sequence:
+                raise RetrievalError(f"protein {key!r} appears with two different sequences")
+            if record.get("cluster") is not None:
+                entry["cluster"] = record["cluster"]
+            text = record.get("text")
+            if text is not None and str(text).strip():
+                entry["annotations"].setdefault(record["field"], str(text).strip())
+        return cls(list(by_id.values()), config)
+
+    # ----- files -----------------------------------------------------------------------------------------
+
+    def save(self, directory) -> Path:
+        """Write `retrieval_config.json`, `database.jsonl` and `README.md` into `directory` (created)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / DATABASE_FILE, "w") as handle:
+            for entry in self.entries:
+                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        config = {**self.config, "size": len(self), "fields": self.field_counts()}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+        (directory / "README.md").write_text(self.describe(config))
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> "RetrievalDatabase":
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        if config.get("format_version") != FORMAT_VERSION:
+            raise RetrievalError(f"{directory / CONFIG_FILE}: format_version {config.get('format_version')!r}, "
+                                 f"this code reads {FORMAT_VERSION}")
+        entries = []
+        with open(directory / DATABASE_FILE) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        entries.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise RetrievalError(f"{directory / DATABASE_FILE} line {number}: {error}") from None
+        config.pop("size", None)
+        config.pop("fields", None)
+        return cls(entries, config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **hub_kwargs) -> "RetrievalDatabase | None":
+        """The database of a model folder or Hub repository, or None when it carries none."""
+        local = Path(str(name_or_path)) / DATABASE_DIR
+        if Path(str(name_or_path)).is_dir():
+            return cls.load(local) if (local / CONFIG_FILE).is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        keep = {k: hub_kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in hub_kwargs}
+        try:
+            config_path = hf_hub_download(str(name_or_path), f"{DATABASE_DIR}/{CONFIG_FILE}", **keep)
+            hf_hub_download(str(name_or_path), f"{DATABASE_DIR}/{DATABASE_FILE}", **keep)
+        except Exception:  # the repository has no database (or cannot be reached): the model runs without retrieval
+            return None
+        return cls.load(Path(config_path).parent)
+
+    def field_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for entry in self.entries:
+            for field in entry.get("annotations") or {}:
+                counts[field] = counts.get(field, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def describe(self, config: dict | None = None) -> str:
+        config = config or {**self.config, "size": len(self), "fields": self.field_counts()}
+        training = config.get("training") or {}
+        lines = [
+            "# Retrieval database", "",
+            f"- Proteins: {config['size']}; annotations per field: "
+            + (", ".join(f"{k} {v}" for k, v in config["fields"].items()) or "none"),
+            f"- Sources: {', '.join(config.get('sources') or ['not recorded'])}",
+            f"- Search: {config['tool']}; top {config['k']} neighbours with E-value <= {config['max_evalue']}",
+        ]
+        if training:
+            lines.append(f"- Training: neighbours of each training protein were searched excluding the protein itself "
+                         f"({training.get('exclusion', 'leave-one-out')}) and every neighbour above "
+                         f"{training.get('max_identity')} identity")
+        lines += ["", "Files: `database.jsonl` (one protein per line: id, sequence, annotations, optional cluster), "
+                  "`retrieval_config.json` (these settings). Plain JSON, no pickle.", ""]
+        return "\n".join(lines)
+
+    # ----- search ----------------------------------------------------------------------------------------
+
+    def search(self, sequences: list[str], k: int | None = None, exclude: list | None = None,
+               max_identity: float | None = None, exclude_same_cluster: bool = False,
+               threads: int | None = None) -> list[list[dict]]:
+        """Top-`k` neighbours of each query sequence, best E-value first.
+
+        Args:
+            sequences: `Q` protein sequences.
+            exclude: per query, an id or a collection of ids never returned (leave-one-out: the query's own id).
+            exclude_same_cluster: also exclude every database protein sharing the `cluster` of an excluded id.
+            max_identity: drop neighbours above this identity (0-1): in training, so the model learns to use
+                distant homologs instead of copying a near-identical one.
+        Returns: `Q` lists of `{"id", "identity", "evalue", "score", "coverage", "annotations"}`.
+        """
+        if pyswrd is None:
+            raise ImportError("retrieval needs the `pyswrd` package (pip install pyswrd); or pass "
+                              "retrieval=False / your own neighbours blocks")
+        k = self.config["k"] if k is None else k
+        if exclude is not None and len(exclude) != len(sequences):
+            raise RetrievalError(f"exclude has {len(exclude)} entries for {len(sequences)} queries")
+        results: list[list[dict]] = [[] for _ in sequences]
+        if not sequences or not self.entries or k <= 0:
+            return results
+        if self._targets is None:
+            self._targets = pyswrd.Sequences([entry["sequence"] for entry in self.entries])
+            self._cluster_of = {entry["id"]: entry.get("cluster") for entry in self.entries}
+        excluded = [self._excluded_ids(item, exclude_same_cluster) for item in (exclude or [None] * len(sequences))]
+        # Over-fetch so that k remain after exclusions.
+        margin = max((len(ids) for ids in excluded), default=0)
+        threads = threads or int(self.config.get("threads") or os.environ.get("OMP_NUM_THREADS", 1) or 1)
+        hits = pyswrd.search(
+            [str(s).upper() for s in sequences], self._targets, max_alignments=k + margin + (50 if max_identity is not None else 0),
+            max_evalue=float(self.config["max_evalue"]), threads=threads,
+        )
+        for hit in hits:
+            entry = self.entries[hit.target_index]
+            found = results[hit.query_index]
+            if len(found) >= k or entry["id"] in excluded[hit.query_index]:
+                continue
+            identity = float(hit.result.identity())
+            if max_identity is not None and identity > max_identity:
+                continue
+            found.append({"id": entry["id"], "identity": round(identity, 3), "evalue": float(hit.evalue),
+                          "score": int(hit.score), "coverage": round(float(hit.result.coverage("query")), 3),
+                          "annotations": dict(entry.get("annotations") or {})})
+        for found in results:
+            found.sort(key=lambda n: (n["evalue"], -n["score"]))
+        return results
+
+    def _excluded_ids(self, item, same_cluster: bool) -> set:
+        if item is None:
+            return set()
+        ids = {item} if isinstance(item, str) else set(item)
+        clusters = {self._cluster_of.get(i) for i in ids} - {None} if same_cluster else set()
+        if clusters:
+            ids |= {i for i, c in self._cluster_of.items() if c in clusters}
+        return ids
+
+    # ----- prompts ---------------------------------------------------------------------------------------
+
+    def neighbours_block(self, neighbours: list[dict]) -> dict:
+        """A content block carrying `neighbours` and their rendered text (the text is what the model reads)."""
+        return {"type": "neighbours", "neighbours": neighbours,
+                "text": render_neighbours(neighbours, self.config["max_annotation_chars"])}
+
+    def augment(self, conversations: list[list[dict]]) -> list[list[dict]]:
+        """Copies of `conversations` with a neighbours block after every protein block of a message that has none.
+
+        All proteins of the batch are searched in one call. Messages with any neighbours block are left as given.
+        """
+        todo = []  # (conversation, message, block position, sequence)
+        for c, messages in enumerate(conversations):
+            for m, message in enumerate(messages):
+                content = message.get("content")
+                if isinstance(content, str) or not content:
+                    continue
+                if any(block.get("type") == "neighbours" for block in content):
+                    continue
+                for b, block in enumerate(content):
+                    if block.get("type") == "protein" and block.get("sequence"):
+                        todo.append((c, m, b, block["sequence"]))
+        if not todo:
+            return conversations
+        found = self.search([item[3] for item in todo])
+        out = [[dict(message) for message in messages] for messages in conversations]
+        inserts: dict[tuple[int, int], dict[int, dict]] = {}
+        for (c, m, b, _), neighbours in zip(todo, found):
+            inserts.setdefault((c, m), {})[b] = self.neighbours_block(neighbours)
+        for (c, m), after in inserts.items():
+            content = []
+            for b, block in enumerate(out[c][m]["content"]):
+                content.append(block)
+                if b in after:
+                    content.append(after[b])
+            out[c][m]["content"] = content
+        return out
+
+
+__all__ = ["RetrievalDatabase", "RetrievalError", "render_neighbours", "render_block", "NO_NEIGHBOURS_TEXT",
+           "DATABASE_DIR"]

@@ -1,0 +1,68 @@
+"""`eval.run.run_evaluation` (the function behind `python -m eval`) and the demo table `eval.json` built from it."""
+
+import json
+
+import pytest
+
+from eval.summary import COLUMNS, summarise_metrics
+
+LYSOZYME = "KVFGRCELAAAMKRHGLDNYRGYSLGNWVCAAKFESNFNTQATNRNTDGSTDYGILQINSRWWCNDGRTPGSRNLCNIPCSALLSSDITASVNCAKKIVSDGNGMNAWVAWRNRCKGTDVQAWIRGCRL"
+UBIQUITIN = "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_function_and_cli_give_the_same_metrics_and_the_demo_table_schema(tmp_path):
+    """run_evaluation returns what metrics.json holds; python -m eval writes the same; eval.json keeps its contract."""
+    pytest.importorskip("torch")
+    pytest.importorskip("pyswrd")
+    from eval.__main__ import main
+    from eval.run import run_evaluation
+    from protllm.model_folder import save_model_folder
+    from protllm.testing import build_tiny_protllm
+    from retrieval_protllm import RetrievalDatabase
+
+    model, processor = build_tiny_protllm("llama", seed=0)
+    processor.retrieval_database = RetrievalDatabase(
+        [{"id": "T1", "sequence": LYSOZYME, "annotations": {"function_text": "Hydrolyses bacterial cell walls"}}])
+    folder = save_model_folder(model, processor, tmp_path / "model")
+    train = _write(tmp_path / "train.jsonl", [
+        {"accession": "T1", "sequence": LYSOZYME, "description": "Hydrolyses bacterial cell walls"},
+        {"accession": "T2", "sequence": UBIQUITIN, "description": "Tags proteins for degradation"}])
+    test = _write(tmp_path / "test.jsonl", [
+        {"accession": f"Q{i}", "sequence": seq, "description": desc} for i, (seq, desc) in enumerate(
+            [(LYSOZYME[2:], "Hydrolyses cell walls"), (UBIQUITIN[:-4], "Protein degradation tag"), (LYSOZYME[:90], "Lysis")])])
+    common = dict(train=train, shuffled_proteins=True, no_retrieval=True, max_new_tokens=3, batch_size=2,
+                  bootstrap=20, meteor=False, identity=False, progress=False)
+    metrics = run_evaluation(test, [str(folder), "retrieval", "most_common"], tmp_path / "api", **common)
+    assert metrics == json.loads((tmp_path / "api" / "metrics.json").read_text())
+    predictors = metrics["tasks"]["function_text"]["predictors"]
+    assert set(predictors) == {"model", "model+shuffled_proteins", "model+no_retrieval", "retrieval", "most_common"}
+    assert predictors["retrieval"]["counts"]["retrieval_no_hit"] == 0  # -s 7.5 finds every homolog here
+    rouge = predictors["retrieval"]["metrics"]["rougeL"]
+    assert set(rouge) >= {"value", "ci_low", "ci_high"}
+
+    assert main(["--data", str(test), "--train", str(train), "--predictor", str(folder), "--shuffled_proteins",
+                 "--no_retrieval", "--predictor", "retrieval", "--predictor", "most_common", "--out", str(tmp_path / "cli"),
+                 "--max_new_tokens", "3", "--batch_size", "2", "--bootstrap", "20", "--no_meteor", "--no_identity",
+                 "--no_progress"]) == 0
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    for name, result in cli["tasks"]["function_text"]["predictors"].items():
+        assert result["metrics"] == predictors[name]["metrics"], name
+
+    table = summarise_metrics(metrics, model_name="model")
+    row = table["tasks"]["function_text"]
+    assert set(row) == set(COLUMNS)
+    for column in COLUMNS:
+        assert set(row[column]) == {"metric", "value", "ci_low", "ci_high", "n"} and row[column]["n"] == 3
+
+
+def test_no_examples_is_an_error_naming_the_file(tmp_path):
+    from eval.run import run_evaluation
+
+    data = _write(tmp_path / "d.jsonl", [{"accession": "Q1", "sequence": UBIQUITIN, "description": "x", "split": "train"}])
+    with pytest.raises(ValueError, match=r"no examples .*d\.jsonl"):
+        run_evaluation(data, ["most_common"], tmp_path / "out", split="test", train=data)

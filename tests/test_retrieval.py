@@ -1,0 +1,217 @@
+"""Retrieval-augmented ProtLLM: the database in the model folder, the search, the prompt block, training exclusion."""
+
+import json
+import random
+
+import pytest
+
+pytest.importorskip("pyswrd")
+
+from retrieval_protllm import NO_NEIGHBOURS_TEXT, RetrievalDatabase, RetrievalError, render_neighbours  # noqa: E402
+from tests.fresh_process import run_fresh_python  # noqa: E402
+
+# Real Swiss-Prot sequences (data/demo): unrelated to each other.
+LYSOZYME = "KVFGRCELAAAMKRHGLDNYRGYSLGNWVCAAKFESNFNTQATNRNTDGSTDYGILQINSRWWCNDGRTPGSRNLCNIPCSALLSSDITASVNCAKKIVSDGNGMNAWVAWRNRCKGTDVQAWIRGCRL"
+UBIQUITIN = "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"
+MYOGLOBIN = "MVLSEGEWQLVLHVWAKVEADVAGHGQDILIRLFKSHPETLEKFDRFKHLKTEAEMKASEDLKKHGVTVLTALGAILKKKGHHEAELKPLAQSHATKHKIPIKYLEFISEAIIHVLHSRHPGDFGADAQGAMNKALELFRKDIAAKYKELGYQG"
+
+
+def mutate(sequence: str, fraction: float, seed: int) -> str:
+    """`sequence` with `fraction` of its residues substituted (seeded): identity about 1 - fraction."""
+    rng = random.Random(seed)
+    residues = list(sequence)
+    for i in rng.sample(range(len(residues)), int(fraction * len(residues))):
+        residues[i] = rng.choice([a for a in "ACDEFGHIKLMNPQRSTVWY" if a != residues[i]])
+    return "".join(residues)
+
+
+def database() -> RetrievalDatabase:
+    return RetrievalDatabase([
+        {"id": "P1", "sequence": LYSOZYME, "annotations": {"protein_name": "Lysozyme C", "ec_number": "3.2.1.17"}},
+        {"id": "P2", "sequence": UBIQUITIN, "annotations": {"protein_name": "Ubiquitin"}},
+        {"id": "P3", "sequence": MYOGLOBIN, "annotations": {"protein_name": "Myoglobin"}},
+    ], {"k": 2, "threads": 1})
+
+
+def chat(sequence, question="Name this protein."):
+    return [{"role": "user", "content": [{"type": "protein", "sequence": sequence}, {"type": "text", "text": question}]}]
+
+
+def test_search_finds_the_homolog_with_identity_and_evalue():
+    found = database().search([mutate(LYSOZYME, 0.3, 0), UBIQUITIN])
+    assert [n["id"] for n in found[0]][:1] == ["P1"] and [n["id"] for n in found[1]][:1] == ["P2"]
+    assert 0.6 < found[0][0]["identity"] < 0.8 and found[1][0]["identity"] == 1.0
+    assert found[0][0]["evalue"] < 1e-10 and found[0][0]["annotations"]["ec_number"] == "3.2.1.17"
+
+
+def test_leave_one_out_and_identity_threshold_exclusion():
+    """Training neighbours never include the protein itself, nor anything above the identity threshold."""
+    close, distant = mutate(LYSOZYME, 0.05, 1), mutate(LYSOZYME, 0.45, 2)
+    db = RetrievalDatabase([
+        {"id": "self", "sequence": LYSOZYME, "annotations": {"protein_name": "Lysozyme C"}},
+        {"id": "close", "sequence": close, "annotations": {"protein_name": "Close copy"}},
+        {"id": "distant", "sequence": distant, "annotations": {"protein_name": "Distant homolog"}},
+        {"id": "other", "sequence": UBIQUITIN, "annotations": {"protein_name": "Ubiquitin"}},
+    ], {"k": 5, "threads": 1})
+    everything = [n["id"] for n in db.search([LYSOZYME])[0]]
+    assert everything[:3] == ["self", "close", "distant"]
+    leave_one_out = [n["id"] for n in db.search([LYSOZYME], exclude=["self"])[0]]
+    assert leave_one_out == ["close", "distant"]
+    capped = db.search([LYSOZYME], exclude=["self"], max_identity=0.9)[0]
+    assert [n["id"] for n in capped] == ["distant"] and capped[0]["identity"] <= 0.9
+
+
+def test_cluster_exclusion_drops_the_whole_cluster():
+    db = RetrievalDatabase([
+        {"id": "a", "sequence": LYSOZYME, "annotations": {"protein_name": "A"}, "cluster": "c1"},
+        {"id": "b", "sequence": mutate(LYSOZYME, 0.2, 3), "annotations": {"protein_name": "B"}, "cluster": "c1"},
+        {"id": "c", "sequence": mutate(LYSOZYME, 0.5, 4), "annotations": {"protein_name": "C"}, "cluster": "c2"},
+    ], {"k": 5, "threads": 1})
+    assert [n["id"] for n in db.search([LYSOZYME], exclude=["a"])[0]] == ["b", "c"]
+    assert [n["id"] for n in db.search([LYSOZYME], exclude=["a"], exclude_same_cluster=True)[0]] == ["c"]
+
+
+def test_training_rows_get_leave_one_out_neighbours():
+    """protllm.training.retrieval: each training row's block is searched without the row's own protein."""
+    datasets = pytest.importorskip("datasets")
+    from protllm.training.retrieval import add_neighbours, build_database
+
+    def row(accession, sequence, task, answer):
+        block = {"type": "protein", "sequence": sequence, "text": None, "chain": None, "structure": None}
+        text = {"type": "text", "sequence": None, "text": "Name this protein.", "chain": None, "structure": None}
+        return {"id": f"{accession}|{task}", "task": task, "answer": answer, "meta": "{}",
+                "proteins": [{"accession": accession, "sequence": sequence}],
+                "messages": [{"role": "user", "content": [block, text]},
+                             {"role": "assistant", "content": [{**text, "text": answer}]}]}
+
+    rows = [row("L1", LYSOZYME, "protein_name", "Lysozyme C"), row("L2", mutate(LYSOZYME, 0.4, 5), "protein_name", "Lysozyme homolog"),
+            row("L3", mutate(LYSOZYME, 0.02, 6), "protein_name", "Lysozyme copy"), row("U1", UBIQUITIN, "protein_name", "Ubiquitin")]
+    dataset = datasets.Dataset.from_list(rows)
+    spec = {"k": 3, "max_identity": 0.9}
+    db = build_database(dataset, spec, ["test"])
+    assert len(db) == 4
+    augmented, stats = add_neighbours(dataset, db, spec)
+    texts = {r["id"].split("|")[0]: r["messages"][0]["content"][1]["text"] for r in augmented}
+    assert all(r["messages"][0]["content"][1]["type"] == "neighbours" for r in augmented)
+    # L1's own name never appears in its block; its 98% copy is above the cap; the 60% homolog is shown.
+    assert "Lysozyme C" not in texts["L1"] and "Lysozyme copy" not in texts["L1"] and "Lysozyme homolog" in texts["L1"]
+    assert "Lysozyme C" in texts["L2"] and "Lysozyme homolog" not in texts["L2"]
+    assert texts["U1"] == NO_NEIGHBOURS_TEXT
+    assert stats["proteins"] == 4 and stats["with_neighbours"] == 3
+
+
+def test_render_and_bad_neighbours():
+    text = render_neighbours([{"identity": 0.42, "evalue": 1e-20, "annotations": {"protein_name": "Lysozyme C"}}])
+    assert "42% identity" in text and "name: Lysozyme C" in text
+    assert render_neighbours([]) == NO_NEIGHBOURS_TEXT
+    with pytest.raises(RetrievalError, match="neighbour 1"):
+        render_neighbours(["Lysozyme"])
+    with pytest.raises(RetrievalError, match="duplicate id 'x'"):
+        RetrievalDatabase([{"id": "x", "sequence": "MK"}, {"id": "x", "sequence": "MA"}])
+
+
+@pytest.fixture(scope="module")
+def folder_with_database(tmp_path_factory):
+    pytest.importorskip("torch")
+    from protllm.model_folder import save_model_folder
+    from protllm.testing import build_tiny_protllm
+
+    model, processor = build_tiny_protllm("llama", seed=0)
+    processor.retrieval_database = database()
+    return save_model_folder(model, processor, tmp_path_factory.mktemp("retrieval") / "model")
+
+
+def test_database_round_trip_through_auto_classes_in_a_clean_process(folder_with_database, tmp_path):
+    folder = folder_with_database
+    rows = [json.loads(line) for line in (folder / "retrieval" / "database.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["P1", "P2", "P3"]
+    assert not list(folder.rglob("*.pkl")) and not list(folder.rglob("*.bin"))
+    out = run_fresh_python(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        query = [{{"role": "user", "content": [{{"type": "protein", "sequence": {LYSOZYME[:-3]!r}}},
+                                               {{"type": "text", "text": "Name this protein."}}]}}]
+        with_db = processor.apply_chat_template(query, add_generation_prompt=True)
+        without = processor.apply_chat_template(query, add_generation_prompt=True, retrieval=False)
+        inputs = processor.apply_chat_template(query, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        print(json.dumps({{"size": len(processor.retrieval_database), "with": with_db, "without": without,
+                          "protein_tokens": int((inputs["input_ids"] == processor.protein_token_id).sum()),
+                          "new_tokens": generated.shape[1] - inputs["input_ids"].shape[1]}}))
+    """, cwd=tmp_path)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["size"] == 3
+    assert "name: Lysozyme C" in result["with"] and "EC: 3.2.1.17" in result["with"]
+    assert "Lysozyme" not in result["without"] and "Similar proteins" not in result["without"]
+    assert result["protein_tokens"] > 0 and result["new_tokens"] == 3  # protein tokens stay beside the neighbours
+
+
+def test_user_neighbours_are_kept_and_retrieval_true_needs_a_database(folder_with_database):
+    from processing_protllm import ProtLLMProcessor
+
+    processor = ProtLLMProcessor.from_pretrained(folder_with_database)
+    own = chat(LYSOZYME)
+    own[0]["content"].insert(1, {"type": "neighbours", "neighbours": [{"identity": 0.3, "annotations": {"protein_name": "Mine"}}]})
+    text = processor.apply_chat_template(own)
+    assert "name: Mine" in text and "Lysozyme C" not in text
+    processor.retrieval_database = None
+    with pytest.raises(ValueError, match="no retrieval database"):
+        processor.apply_chat_template(chat(LYSOZYME), retrieval=True)
+
+
+def _recording_predictor(folder, **kwargs):
+    """A ModelPredictor whose processor records every prompt it renders."""
+    from eval.generate import ModelPredictor
+    from processing_protllm import ProtLLMProcessor
+
+    processor = ProtLLMProcessor.from_pretrained(folder)
+    prompts = []
+    original = processor.apply_chat_template
+
+    def recording(conversation, **kw):
+        prompts.extend(original(conversation, tokenize=False, add_generation_prompt=True))
+        return original(conversation, **kw)
+
+    processor.apply_chat_template = recording
+    predictor = ModelPredictor(str(folder), processor=processor, max_new_tokens=2, **kwargs)
+    return predictor, prompts
+
+
+def test_shuffled_proteins_are_shuffled_before_retrieval(folder_with_database):
+    from eval.baselines import ShuffledProteins
+
+    examples = [{"id": "lys", "task": "protein_name", "question": "Name this protein.", "proteins": [{"sequence": LYSOZYME}]},
+                {"id": "ubi", "task": "protein_name", "question": "Name this protein.", "proteins": [{"sequence": UBIQUITIN}]}]
+    predictor, prompts = _recording_predictor(folder_with_database)
+    shuffled = ShuffledProteins(predictor, seed=0).fit(examples)
+    shuffled.predict(examples[:1])  # the lysozyme question, asked with the ubiquitin protein
+    assert "name: Ubiquitin" in prompts[-1] and "Lysozyme" not in prompts[-1]
+
+
+def test_no_retrieval_tells_the_model_nothing_is_known(folder_with_database):
+    example = {"id": "lys", "task": "protein_name", "question": "Name this protein.", "proteins": [{"sequence": LYSOZYME}]}
+    predictor, prompts = _recording_predictor(folder_with_database)
+    predictor.predict([example])
+    assert "name: Lysozyme C" in prompts[-1]
+    bare = predictor.without_retrieval()
+    assert bare.name.endswith("+no_retrieval") and bare._model is predictor._model  # same weights
+    bare.predict([example])
+    assert NO_NEIGHBOURS_TEXT in prompts[-1] and "Lysozyme" not in prompts[-1]
+    assert bare.settings()["retrieval"] is False and predictor.settings()["retrieval_database_size"] == 3
+
+
+@pytest.mark.parametrize("retrieval, message", [
+    ({"k": 2, "max_identiy": 0.3}, "model.retrieval.max_identiy`; did you mean `max_identity`"),
+    ({"k": 0}, "model.retrieval.k` must be a positive integer"),
+    ({"max_identity": 1.5}, r"model.retrieval.max_identity` must be in \(0, 1\]"),
+    ({"exclusion": "none"}, "leave_one_out or cluster"),
+])
+def test_recipe_retrieval_keys_are_checked(retrieval, message):
+    pytest.importorskip("trl")
+    from protllm.training.recipe import RecipeError, validate_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        validate_recipe({"model": {"retrieval": retrieval}, "stages": [{"name": "align"}]}, "demo.yaml")
