@@ -12,12 +12,14 @@ command -v mmseqs >/dev/null 2>&1 || need_apt+=(mmseqs2)
 [ -d /usr/share/wordnet ] || need_apt+=(wordnet-base)
 # real Swiss-Prot records for the reader tests and for rebuilding data/demo
 [ -f /usr/share/doc/mmseqs2/example-data/QUERY.fasta.gz ] || need_apt+=(mmseqs2-examples)
+# headless browser for the web demo's browser test (tests/test_app.py drives it with Playwright; no browser download)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
         $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
     else
-        echo "warning: install ${need_apt[*]} yourself (MMseqs2 for splits/retrieval, WordNet for METEOR, examples for tests)" >&2
+        echo "warning: install ${need_apt[*]} yourself (MMseqs2 for splits/retrieval, WordNet for METEOR, examples for tests, Chromium for the browser test)" >&2
     fi
 fi
 
@@ -31,7 +33,9 @@ fi
 "$VENV/bin/python" - <<'PY' > "$VENV/requirements.txt"
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"] + project["optional-dependencies"]["esm3"]))
 PY
 "$VENV/bin/python" -m pip install -q -r "$VENV/requirements.txt"
+# EvolutionaryScale's esm (ESM3 / ESM C) next to fair-esm: its own folder, no deps (esm3_protllm.py explains why)
+"$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/lib/protllm-esm3" esm==3.2.1.post1
 touch "$stamp"
