@@ -19,6 +19,7 @@ from pathlib import Path
 REMOTE_CODE_FILES = (
     "collator_protllm.py",
     "configuration_protllm.py",
+    "esm3_protllm.py",
     "modeling_protllm.py",
     "moe_protllm.py",
     "processing_protllm.py",

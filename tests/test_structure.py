@@ -11,12 +11,16 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import os
+import re
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import saprot_protllm as saprot
 import structure_protllm as sp
 from structure_protllm import StructureError
 
@@ -234,36 +238,36 @@ def test_dict_input(a05):
     np.testing.assert_array_equal(d.coords, s.coords)
     ca = sp.load_structure({"coords": s.coords[:, 1], "sequence": s.sequence, "plddt": np.full(len(s), 90.0)})
     assert ca.coord_mask.all() and ca.plddt is not None
-    assert set(sp.three_di_tokens(ca)) == {"#"}  # no N/C: 3Di unknown
+    assert set(saprot.three_di_tokens(ca)) == {"#"}  # no N/C: 3Di unknown
 
 
 # ---------------------------------------------------------------------------------------------- 3Di / SaProt
 def test_three_di_tokens(a05):
     s = sp.load_structure(a05, chain="A")
-    t1 = sp.three_di_tokens(s)
-    t2 = sp.three_di_tokens(sp.load_structure(a05, chain="A"))
+    t1 = saprot.three_di_tokens(s)
+    t2 = saprot.three_di_tokens(sp.load_structure(a05, chain="A"))
     assert t1 == t2 and len(t1) == len(s)
-    assert set(t1) <= set(sp.SAPROT_STRUC_VOCAB)
+    assert set(t1) <= set(saprot.SAPROT_STRUC_VOCAB)
     assert t1 == t1.lower()
     assert len(set(t1)) > 8  # a real protein uses many states
     # gaps -> '#', the rest is still encoded
     seq = "MGSS" + s.sequence
-    g = sp.three_di_tokens(sp.load_structure(s, sequence=seq))
+    g = saprot.three_di_tokens(sp.load_structure(s, sequence=seq))
     assert g[:4] == "####" and len(g) == len(seq) and "#" not in g[4:]
 
 
 def test_saprot_vocab_and_format(a05):
-    v = sp.SAPROT_VOCAB
+    v = saprot.SAPROT_VOCAB
     assert len(v) == 446 and v[:5] == ["<cls>", "<pad>", "<eos>", "<unk>", "<mask>"]
     assert v[5:8] == ["Ap", "Ay", "An"] and v[-1] == "##" and len(set(v)) == 446
     s = sp.load_structure(a05, chain="A")
-    sa = sp.structure_to_saprot(s)
+    sa = saprot.structure_to_saprot(s)
     assert len(sa) == 2 * len(s)
-    assert sa[0::2] == s.sequence and sa[1::2] == sp.three_di_tokens(s)
+    assert sa[0::2] == s.sequence and sa[1::2] == saprot.three_di_tokens(s)
     assert all(sa[i : i + 2] in v for i in range(0, len(sa), 2))
-    assert sp.saprot_sequence("MKX", "dp#") == "MdKp##"
+    assert saprot.saprot_sequence("MKX", "dp#") == "MdKp##"
     with pytest.raises(StructureError):
-        sp.saprot_sequence("MK", "d")
+        saprot.saprot_sequence("MK", "d")
 
 
 def test_plddt_from_predicted_model_and_masking(a05, tmp_path):
@@ -280,7 +284,7 @@ def test_plddt_from_predicted_model_and_masking(a05, tmp_path):
     s = sp.load_structure(p)
     assert s.plddt is not None and s.plddt.shape == (len(s),)
     assert np.all(s.plddt[:20] == 40.0) and np.all(s.plddt[20:] >= 90)
-    sa = sp.structure_to_saprot(s)
+    sa = saprot.structure_to_saprot(s)
     assert sa[1:40:2] == "#" * 20 and "#" not in sa[41::2]
     # the same file under a neutral name: no hint, so no pLDDT unless asked for
     q = tmp_path / "model.pdb"
@@ -294,13 +298,13 @@ def test_plddt_from_predicted_model_and_masking(a05, tmp_path):
 
 def test_all_low_plddt_falls_back_with_warning(a05):
     s = sp.load_structure(a05, chain="A")
-    tdi = sp.three_di_tokens(s)
+    tdi = saprot.three_di_tokens(s)
     with pytest.warns(sp.StructureWarning, match="pLDDT"):
-        sa = sp.saprot_sequence(s.sequence, tdi, np.full(len(s), 30.0))
+        sa = saprot.saprot_sequence(s.sequence, tdi, np.full(len(s), 30.0))
     assert sa[1::2] == "#" * len(s) and sa[0::2] == s.sequence
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sp.saprot_sequence(s.sequence, tdi, np.full(len(s), 95.0))
+        saprot.saprot_sequence(s.sequence, tdi, np.full(len(s), 95.0))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -363,7 +367,7 @@ def test_nan_coordinates(a05):
     coords[5] = np.nan
     part = sp.load_structure({"coords": coords, "sequence": s.sequence})
     assert not part.coord_mask[5] and part.coord_mask.sum() == len(s) - 1
-    assert sp.three_di_tokens(part)[5] == "#"
+    assert saprot.three_di_tokens(part)[5] == "#"
     coords[7, 1, 0] = np.inf
     with pytest.raises(StructureError, match="infinite"):
         sp.load_structure({"coords": coords, "sequence": s.sequence})
@@ -380,17 +384,18 @@ def test_size_bound(monkeypatch, a05):
     _bad(a05, r"1A05\.pdb\.gz.*decompressed")  # gzip bomb guard
 
 
-def test_module_imports_only_numpy_and_stdlib(repo_root):
+@pytest.mark.parametrize("module", ["structure_protllm.py", "saprot_protllm.py"])
+def test_module_imports_only_numpy_and_stdlib(repo_root, module):
     import ast
 
-    tree = ast.parse((repo_root / "structure_protllm.py").read_text())
+    tree = ast.parse((repo_root / module).read_text())
     top = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
             top |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             top.add(node.module.split(".")[0])
-    assert top <= {"__future__", "gzip", "io", "os", "re", "warnings", "zlib", "dataclasses", "typing", "numpy"}
+    assert top - {"numpy"} <= set(sys.stdlib_module_names), top
 
 
 def test_free_amino_acid_ligand_is_not_part_of_the_chain(a05, tmp_path):
@@ -426,13 +431,133 @@ def test_mmcif_without_gemmi_uses_biotite(a05, tmp_path, monkeypatch):
     np.testing.assert_array_equal(without.coords, with_gemmi.coords)
 
 
-def test_fast_3di_matches_public_mini3di(csa):
+def test_vendored_3di_matches_mini3di_public_encoder(csa):
+    """The vendored 3Di geometry gives mini3di's own letters (public Encoder.encode_atoms + build_sequence) on real
+    chains: every 10th CSA file, with the file's C-beta atoms and with none (virtual C-beta for every residue)."""
     mini3di = pytest.importorskip("mini3di")
     enc = mini3di.Encoder()
-    for f in sorted(csa.glob("*.pdb.gz"))[:5]:
+    n_chains = 0
+    for f in sorted(csa.glob("*.pdb.gz"))[::10]:
         for ch in sp.parse_structure_chains(f):
             s = sp.load_structure(f, chain=ch)
             m = s.coord_mask
             x = s.coords[m].astype(np.float64)
-            ref = enc.build_sequence(enc.encode_atoms(ca=x[:, 1], cb=s.cb[m].astype(np.float64), n=x[:, 0], c=x[:, 2]))
-            assert sp.three_di_tokens(s).replace("#", "") == ref.lower()
+            for cb in (s.cb[m].astype(np.float64), np.full((int(m.sum()), 3), np.nan)):
+                ref = enc.build_sequence(enc.encode_atoms(ca=x[:, 1], cb=cb, n=x[:, 0], c=x[:, 2]))
+                s.cb = None if np.isnan(cb).all() else s.cb
+                assert saprot.three_di_tokens(s).replace("#", "") == ref.lower(), (f.name, ch)
+            n_chains += 1
+    assert n_chains >= 40
+
+
+# ---------------------------------------------------------------------------------------------- one residue rule
+def test_one_residue_rule_for_processor_and_structure_reader(a05, labels):
+    from processing_protllm import ProteinInputError, clean_sequence
+
+    # the same rule: whitespace and a final stop dropped, lower case accepted, the ESM-2 alphabet only
+    assert clean_sequence(" mkt\nbzuox* ", 0) == sp.clean_sequence(" mkt\nbzuox* ") == "MKTBZUOX"
+    with pytest.raises(ProteinInputError, match=r"^protein 4: invalid residue 'J' at position 3 "):
+        clean_sequence("MKJA", 4)
+    label = _label_seq(labels, "1A05-A")
+    with_j = label[:10] + "J" + label[11:]
+    with pytest.raises(StructureError, match=r"^1A05\.pdb\.gz: sequence: invalid residue 'J' at position 11 "):
+        sp.load_structure(a05, chain="A", sequence=with_j)
+    s = sp.load_structure(a05, chain="A")
+    with pytest.raises(StructureError, match=r"invalid residue 'J' at position 11 "):
+        sp.load_structure({"coords": s.coords, "sequence": with_j})
+    with pytest.raises(StructureError, match=r"invalid residue 'ß' at position 2 "):
+        sp.load_structure(s, sequence="Mß" + label)
+
+
+# ---------------------------------------------------------------------------------------------- special files
+def _finishes_within(seconds: float, function):
+    """Run ``function`` in a daemon thread; return what it raised (or None), or fail if it is still running."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            function()
+        except BaseException as error:  # noqa: BLE001 - reported to the test
+            outcome["error"] = error
+        outcome["done"] = True
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome.get("done"), f"still running after {seconds} s"
+    return outcome.get("error")
+
+
+def test_special_files_are_refused_within_seconds(tmp_path):
+    fifo = tmp_path / "model.pdb"
+    os.mkfifo(fifo)
+    cases = {"/dev/zero": "character device", "/dev/null": "character device", str(fifo): r"FIFO", str(tmp_path): "directory"}
+    for path, what in cases.items():
+        error = _finishes_within(10, lambda: sp.load_structure(path))
+        assert isinstance(error, StructureError), (path, error)
+        assert re.search(rf"^{re.escape(path)}: .*{what}.*only regular files", str(error)), str(error)
+
+
+def test_reading_is_capped_while_reading(tmp_path, monkeypatch):
+    """The cap holds even when the size seen before reading is small: a file that grows meanwhile."""
+    path = tmp_path / "grows.pdb"
+    path.write_bytes(b"ATOM  " * 10)
+    real_fstat = os.fstat
+
+    def fstat_before_growth(fd):
+        status = real_fstat(fd)
+        with open(path, "ab") as handle:  # the file grows after fstat looked at it
+            handle.write(b"X" * 5000)
+        return status
+
+    monkeypatch.setattr(sp, "MAX_STRUCTURE_FILE_BYTES", 1000)
+    monkeypatch.setattr(sp.os, "fstat", fstat_before_growth)
+    with pytest.raises(StructureError, match=r"grows\.pdb: file grew past MAX_STRUCTURE_FILE_BYTES=1000"):
+        sp.load_structure(path)
+
+
+def test_special_files_are_refused_from_a_chat_block_and_the_pipeline(tmp_path):
+    from pipeline_protllm import ProteinFunctionPipeline
+    from processing_protllm import ProteinInputError
+    from protllm.testing import build_tiny_protllm
+
+    model, processor = build_tiny_protllm("llama", use_structure_bias=True, structure_num_kernels=16)
+    messages = [{"role": "user", "content": [{"type": "protein", "structure": "/dev/zero"}, {"type": "text", "text": "?"}]}]
+    error = _finishes_within(20, lambda: processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                                      return_dict=True, return_tensors="pt"))
+    assert isinstance(error, ProteinInputError) and "/dev/zero: is a character device" in str(error), error
+    fifo = tmp_path / "x.pdb"
+    os.mkfifo(fifo)
+    pipe = ProteinFunctionPipeline(model=model, processor=processor, device="cpu")
+    error = _finishes_within(20, lambda: pipe({"structure": str(fifo)}, max_new_tokens=2))
+    assert isinstance(error, ValueError) and "is a FIFO" in str(error), error
+
+
+# ---------------------------------------------------------------------------------------------- text and long messages
+def test_structure_text_is_read_as_text_and_messages_stay_short(a05, tmp_path):
+    text = gzip.decompress(a05.read_bytes()).decode()
+    ref = sp.load_structure(a05, chain="B")
+    got = sp.load_structure(text, chain="B")
+    assert got.source == "<text>" and got.sequence == ref.sequence
+    np.testing.assert_array_equal(got.coords, ref.coords)
+    cif = tmp_path / "x.cif"
+    import gemmi
+
+    gemmi.read_pdb_string(text).make_mmcif_document().write_file(str(cif))
+    got = sp.load_structure(cif.read_text(), chain="B")
+    np.testing.assert_allclose(got.coords, ref.coords, atol=1e-3)
+    # text that is neither a path nor a structure: a short message, not the text echoed back
+    with pytest.raises(StructureError, match=r"^<text>: a structure string of \d+ characters .* not look like PDB or mmCIF") as ei:
+        sp.load_structure("hello\n" * 30000)
+    assert len(str(ei.value)) < 300
+    # a huge single-line string is taken as a path: refused with the path cut short
+    with pytest.raises(StructureError, match="structure file not found|cannot open") as ei:
+        sp.load_structure("x" * 185_000)
+    assert len(str(ei.value)) < 600
+    # a broken record is quoted, but cut
+    bad = text.replace("  21.670  74.626", "  21.6x0  74.626", 1)
+    with pytest.raises(StructureError, match=r"malformed ATOM/HETATM record on line \d+") as ei:
+        sp.load_structure(bad)
+    assert len(str(ei.value)) < 300

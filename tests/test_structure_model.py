@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import saprot_protllm as saprot
 import structure_protllm as sp
 from fresh_process import run_fresh_python
-from model_folder import save_model_folder
+from protllm.model_folder import save_model_folder
 from modeling_protllm import ProtLLMStructureBias
 from processing_protllm import ProteinInputError
-from tiny_protllm import build_tiny_protllm, tiny_protein_config
+from protllm.testing import build_tiny_protllm, tiny_protein_config
 
 QUESTION = "What is the function of this enzyme?"
 SMALL = ("1BJP", "A")  # 62 residues
@@ -150,6 +151,14 @@ def test_removing_the_structure_gives_the_sequence_only_path(csa, bias_model):
     assert torch.equal(c, b)
 
 
+def projected(model, inputs, with_structure=True):
+    """Per-protein projected features `(P, n, D)` through the model (where structure dropout applies)."""
+    features = model.model.get_protein_features(
+        inputs["protein_input_ids"], inputs["protein_attention_mask"],
+        inputs.get("protein_coords") if with_structure else None, inputs.get("protein_coord_mask") if with_structure else None)
+    return features.reshape(inputs["protein_input_ids"].shape[0], -1, features.shape[-1])
+
+
 def test_structure_dropout(csa, bias_model):
     model, processor = bias_model
     encoder = model.model.protein_encoder
@@ -159,15 +168,15 @@ def test_structure_dropout(csa, bias_model):
         assert encoder.training and encoder.structure_bias.training
         encoder.config.structure_dropout = 1.0
         with torch.no_grad():
-            dropped = encode(model, inputs)
-            sequence_only = encode(model, inputs, with_structure=False)
+            dropped = projected(model, inputs)
+            sequence_only = projected(model, inputs, with_structure=False)
         assert torch.equal(dropped, sequence_only)
 
         # dropout is per protein: with p=0.5 some rows keep their structure, the others are exactly sequence-only
         encoder.config.structure_dropout = 0.5
         torch.manual_seed(3)
         with torch.no_grad():
-            mixed = encode(model, inputs)
+            mixed = projected(model, inputs)
         same = [torch.equal(mixed[i], sequence_only[i]) for i in range(len(mixed))]
         assert any(same) and not all(same)
     finally:
@@ -177,7 +186,7 @@ def test_structure_dropout(csa, bias_model):
     encoder.config.structure_dropout = 0.0  # eval never drops anyway; 0 makes the setting explicit
     try:
         with torch.no_grad():
-            kept = encode(model, inputs)
+            kept = projected(model, inputs)
     finally:
         encoder.config.structure_dropout = 0.15
     assert (kept - sequence_only).abs().amax() > 1e-2  # the bias changes the encoder output
@@ -338,16 +347,16 @@ def saprot_model():
 
 def test_saprot_tokens_from_a_real_structure(csa, saprot_model):
     model, processor = saprot_model
-    assert model.config.protein_config.vocab_size == len(processor.protein_tokenizer) == len(sp.SAPROT_VOCAB) == 446
+    assert model.config.protein_config.vocab_size == len(processor.protein_tokenizer) == len(saprot.SAPROT_VOCAB) == 446
     path = path_of(csa, SMALL)
     structure = sp.load_structure(path, chain="A")
     inputs = model_inputs(processor, [chat({"structure": path, "chain": "A"}), chat({"sequence": "MKTXAYB"})])
     tokens = processor.protein_tokenizer.convert_ids_to_tokens(inputs["protein_input_ids"][0].tolist())
     assert tokens[0] == "<cls>" and tokens[len(structure) + 1] == "<eos>"
     residues = tokens[1 : len(structure) + 1]
-    assert all(len(t) == 2 and t[0].isupper() and t[1] in sp.SAPROT_STRUC_VOCAB for t in residues)
+    assert all(len(t) == 2 and t[0].isupper() and t[1] in saprot.SAPROT_STRUC_VOCAB for t in residues)
     assert "".join(t[0] for t in residues) == structure.sequence
-    three_di = sp.three_di_tokens(structure)
+    three_di = saprot.three_di_tokens(structure)
     assert "".join(t[1] for t in residues) == three_di
     assert sum(t[1] != "#" for t in residues) >= len(structure) - 2  # a resolved chain: 3Di nearly everywhere
 
@@ -361,7 +370,7 @@ def test_saprot_tokens_from_a_real_structure(csa, saprot_model):
 def test_saprot_masks_low_plddt_residues(csa, saprot_model):
     _, processor = saprot_model
     structure = sp.load_structure(path_of(csa, SMALL), chain="A")
-    three_di = sp.three_di_tokens(structure)
+    three_di = saprot.three_di_tokens(structure)
     plddt = np.where(np.arange(len(structure)) < 30, 45.0, 92.0)
     predicted = {"coords": structure.coords, "sequence": structure.sequence, "plddt": plddt}
     inputs = processor(text="<protein>", proteins=[{"structure": predicted}])
