@@ -64,6 +64,8 @@ class ProtLLMConfig(PreTrainedConfig):
             beyond it).
         protein_token_id (`int`): id of the `<protein>` placeholder in the LLM vocabulary; one placeholder per
             protein token the projector emits.
+        use_cache (`bool`): return and reuse the key/value cache (generation); the LLM's own `use_cache` is
+            unaffected.
         protein_start_token_id / protein_end_token_id (`int`, *optional*): ids of `<|protein_start|>` and
             `<|protein_end|>`. `generate` never emits these or the placeholder (it would have no protein to fill).
         use_structure_bias (`bool`): SEPIT's distance-kernel attention bias in every encoder layer. The encoder
@@ -116,6 +118,8 @@ class ProtLLMConfig(PreTrainedConfig):
     moe_eval_capacity_factor: float | None = None
     moe_router_aux_loss_coef: float = 0.01
     tie_word_embeddings: bool = False
+    # Top level as in transformers' own composite configs: generate() and the common tests read `config.use_cache`.
+    use_cache: bool = True
 
     def __post_init__(self, **kwargs):
         if self.protein_encoder_backend in ("esm3", "esmc") and not isinstance(self.protein_config, PreTrainedConfig):

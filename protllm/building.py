@@ -91,11 +91,15 @@ def build_protllm(
         dtype_source = "the language model checkpoint's dtype"
 
     encoder_module = None
-    if protein_encoder is not None and backend == "fair-esm":
+    if protein_encoder is not None and backend in ("esm3", "esmc"):
+        encoder_module, protein_config = load_evolutionaryscale_encoder(protein_encoder, backend, protein_config)
+        protein_tokenizer = build_protein_tokenizer("esm")  # ESM-2's ids are the esm package's (esm3_protllm.py)
+    elif protein_encoder is not None and backend == "fair-esm":
         encoder_module, protein_config = load_fair_esm(protein_encoder)
         protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
     elif protein_encoder is not None:
         protein_config = AutoConfig.from_pretrained(protein_encoder)
+        protein_config._name_or_path = str(protein_encoder)  # where the SEPIT warm-up finds ESM's pretrained MLM head
         encoder_module = EsmModel.from_pretrained(protein_encoder, add_pooling_layer=False, dtype=dtype)
         protein_tokenizer = AutoTokenizer.from_pretrained(protein_encoder)
     else:
@@ -109,6 +113,8 @@ def build_protllm(
         protein_config=protein_config,
         text_config=llm.config,
         protein_token_id=processor.protein_token_id,
+        protein_start_token_id=processor.protein_start_token_id,
+        protein_end_token_id=processor.protein_end_token_id,
         **config_kwargs,
     )
     processor.num_query_tokens = config.num_query_tokens if config.projector_type == "resampler" else None
@@ -286,14 +292,23 @@ def build_from_recipe(spec: dict, seed: int = 0, tiny: str | None = None):
     from .testing import build_tiny_protllm, tiny_protein_config
 
     config_kwargs = dict(spec.get("config") or {})
+    if spec.get("protein_encoder_backend"):  # `model.protein_encoder_backend`, or the same key under `model.config`
+        config_kwargs["protein_encoder_backend"] = spec["protein_encoder_backend"]
     protein_config = None
-    if spec.get("protein_config") or spec.get("protein_encoder") is None:
+    if config_kwargs.get("protein_encoder_backend") in ("esm3", "esmc"):
+        # The esm package's constructor sizes (d_model, n_heads, n_layers, v_heads); None: the published sizes.
+        protein_config = spec.get("protein_config")
+    elif spec.get("protein_config") or spec.get("protein_encoder") is None:
         protein_config = {**tiny_protein_config(), **(spec.get("protein_config") or {})}
         if config_kwargs.get("protein_encoder_input") == "saprot":
             protein_config.update(vocab_size=446, mask_token_id=4)
     tiny = tiny or spec.get("tiny")
     torch.manual_seed(seed)
     if tiny:
+        if protein_config is None and config_kwargs.get("protein_encoder_backend") in ("esm3", "esmc"):
+            from .testing import tiny_evolutionaryscale_config
+
+            protein_config = spec["protein_config"] = tiny_evolutionaryscale_config(config_kwargs["protein_encoder_backend"])
         model, processor = build_tiny_protllm(tiny, seed=seed, protein_config=protein_config if spec.get("protein_config") else None,
                                               processor_kwargs=spec.get("processor"), **config_kwargs)
         dtype = resolve_dtype(spec.get("dtype"))
@@ -311,3 +326,67 @@ def build_from_recipe(spec: dict, seed: int = 0, tiny: str | None = None):
         quantization=spec.get("quantization"),
         **config_kwargs,
     )
+
+
+# Licences of EvolutionaryScale's open models, as the esm package's LICENSE.md (3.2.1.post1) states them per model
+# (read from the package, not guessed): the model card records the one of the encoder used.
+EVOLUTIONARYSCALE_LICENCES = {
+    "esm3-sm-open-v1": {
+        "name": "Cambrian Non-Commercial License Agreement",
+        "url": "https://www.evolutionaryscale.ai/policies/cambrian-non-commercial-license-agreement",
+    },
+    "esmc-300m": {
+        "name": "Cambrian Open License Agreement",
+        "url": "https://www.evolutionaryscale.ai/policies/cambrian-open-license-agreement",
+    },
+    "esmc-600m": {
+        "name": "Cambrian Non-Commercial License Agreement",
+        "url": "https://www.evolutionaryscale.ai/policies/cambrian-non-commercial-license-agreement",
+    },
+}
+
+
+def load_evolutionaryscale_encoder(name_or_path, backend: str, protein_config: dict | None = None):
+    """Pretrained ESM3 / ESM C weights in EvolutionaryScale's published format -> `(ProtLLMEvolutionaryScaleEncoder,
+    protein_config kwargs)`.
+
+    `name_or_path`: a published name (`esm3-sm-open-v1`, `esmc-300m`, `esmc-600m`; their Hub repositories are
+    `EvolutionaryScale/esm3-sm-open-v1`, `EvolutionaryScale/esmc-300m-2024-12`, `EvolutionaryScale/esmc-600m-2024-12`),
+    one of those Hub ids, or a local snapshot of one (a folder with `data/weights/<file>.pth`, as on the Hub). A local
+    folder of other sizes needs `protein_config` in the esm package's sizes.
+    """
+    from pathlib import Path
+
+    from esm3_protllm import EVOLUTIONARYSCALE_MODELS, ProtLLMEvolutionaryScaleEncoder, evolutionaryscale_protein_config_kwargs
+    from transformers import AutoConfig
+
+    by_hub_id = {spec["hub_id"]: name for name, spec in EVOLUTIONARYSCALE_MODELS.items()}
+    name = by_hub_id.get(str(name_or_path), str(name_or_path))
+    spec = EVOLUTIONARYSCALE_MODELS.get(name)
+    if spec is not None:
+        if spec["backend"] != backend:
+            raise ValueError(f"{name_or_path} is an {spec['backend']} model, not protein_encoder_backend={backend!r}")
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(spec["hub_id"]))
+        sizes = {**spec["sizes"], **(protein_config or {})}
+    else:
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            known = ", ".join(EVOLUTIONARYSCALE_MODELS)
+            raise FileNotFoundError(f"{name_or_path}: neither a published EvolutionaryScale model ({known}) nor a local folder")
+        sizes = protein_config
+    weights = [w for w in sorted((folder / "data" / "weights").glob("*.pth")) if "structure" not in w.name and "function" not in w.name]
+    wanted = [w for w in weights if spec is None or w.name == Path(spec["weights"]).name] or weights
+    if len(wanted) != 1:
+        raise FileNotFoundError(f"{folder}: expected one {backend} weights file under data/weights/, found {[w.name for w in weights]}")
+    protein_config = AutoConfig.for_model(**evolutionaryscale_protein_config_kwargs(backend, sizes))
+    encoder = ProtLLMEvolutionaryScaleEncoder(backend, protein_config)
+    encoder.model.load_state_dict(torch.load(wanted[0], map_location="cpu", weights_only=True))
+    if backend == "esm3":
+        structure_weights = folder / "data" / "weights" / "esm3_structure_encoder_v0.pth"
+        if not structure_weights.is_file():
+            raise FileNotFoundError(f"{folder}: ESM3 needs its VQ-VAE structure encoder weights {structure_weights}")
+        encoder.structure_encoder.load_state_dict(torch.load(structure_weights, map_location="cpu", weights_only=True))
+    return encoder.eval(), protein_config
+

@@ -47,7 +47,9 @@ def build_tiny_protllm(text_model_type: str = "llama", seed: int = 0, text_confi
     if protein_config is None:
         protein_config = tiny_protein_config(vocab_size=len(processor.protein_tokenizer))
     config = ProtLLMConfig(protein_config=protein_config, text_config=text,
-                           protein_token_id=processor.protein_token_id, **config_kwargs)
+                           protein_token_id=processor.protein_token_id,
+                           protein_start_token_id=processor.protein_start_token_id,
+                           protein_end_token_id=processor.protein_end_token_id, **config_kwargs)
     processor.num_query_tokens = config.num_query_tokens if config.projector_type == "resampler" else None
     processor.max_protein_length = config.max_protein_length
     torch.manual_seed(seed)
@@ -56,3 +58,12 @@ def build_tiny_protllm(text_model_type: str = "llama", seed: int = 0, text_confi
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor
+
+
+def tiny_evolutionaryscale_config(backend: str) -> dict:
+    """`protein_config` of a tiny random ESM3 (with a tiny VQ-VAE structure encoder) or ESM C, in the esm package's
+    constructor sizes (the `model.protein_config` recipe contract)."""
+    if backend == "esmc":
+        return dict(d_model=32, n_heads=2, n_layers=2)
+    return dict(d_model=32, n_heads=2, v_heads=2, n_layers=2,
+                structure_encoder=dict(d_model=16, n_heads=1, v_heads=2, n_layers=1, d_out=8, n_codes=64))

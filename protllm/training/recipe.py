@@ -13,15 +13,17 @@ import difflib
 from pathlib import Path
 
 TOP_LEVEL_KEYS = {"recipe", "output_dir", "seed", "model", "data", "training", "stages", "evaluate"}
-MODEL_KEYS = {"language_model", "protein_encoder", "protein_config", "config", "processor", "tiny", "dtype",
+MODEL_KEYS = {"language_model", "protein_encoder", "protein_encoder_backend", "protein_config", "config", "processor", "tiny", "dtype",
               "attn_implementation", "quantization", "retrieval"}
 DATA_KEYS = {"train", "train_split", "max_length", "limit", "tasks", "on_bad_rows"}
 STAGE_KEYS = {"name", "training", "loss_weights", "noise_std", "new_module_lr_multiplier", "mask_ratio",
-              "projector_learning_rate", "encoder_learning_rate", "train_protein_encoder", "lora", "feature_cache", "moe"}
+              "projector_learning_rate", "encoder_learning_rate", "train_protein_encoder", "lora", "feature_cache", "moe",
+              "mlm_sequences", "mlm_exclude", "mlm_eval_sequences"}  # warm-up: masked-LM corpus, held-out files
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 MOE_KEYS = {"num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"}
 LOSS_WEIGHT_KEYS = {"mlm", "contrastive", "denoise"}
-RETRIEVAL_KEYS = {"k", "max_identity", "exclusion", "max_evalue", "max_annotation_chars", "fields", "threads"}
+RETRIEVAL_KEYS = {"k", "max_identity", "exclusion", "max_evalue", "max_annotation_chars", "fields", "threads",
+                  "train_rows"}
 EVALUATE_KEYS = {"data", "train", "baselines", "shuffled_proteins", "no_retrieval", "batch_size", "max_new_tokens",
                  "bootstrap", "flags", "limit", "examples", "tasks"}
 
@@ -81,7 +83,7 @@ def validate_recipe(recipe: dict, path="recipe") -> dict:
         where = f"stages[{index}]"
         _check_keys(stage, STAGE_KEYS, where, path)
         name = stage.get("name")
-        if name not in STAGES:
+        if not isinstance(name, str) or name not in STAGES:  # a list or mapping here is a typo too, not a TypeError
             close = difflib.get_close_matches(str(name), list(STAGES), n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             raise RecipeError(f"{path}: unknown stage `{where}.name: {name}`{hint}; stages are {', '.join(STAGES)}")
@@ -118,6 +120,9 @@ def _check_retrieval(spec, path) -> None:
         raise RecipeError(f"{path}: `model.retrieval.max_identity` must be in (0, 1], got {identity!r}")
     if spec.get("exclusion", "leave_one_out") not in ("leave_one_out", "cluster"):
         raise RecipeError(f"{path}: `model.retrieval.exclusion` must be leave_one_out or cluster, got {spec['exclusion']!r}")
+    rows = spec.get("train_rows")
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+        raise RecipeError(f"{path}: `model.retrieval.train_rows` must be a positive integer, got {rows!r}")
 
 
 def load_recipe(path) -> dict:
