@@ -328,24 +328,6 @@ def build_from_recipe(spec: dict, seed: int = 0, tiny: str | None = None):
     )
 
 
-# Licences of EvolutionaryScale's open models, as the esm package's LICENSE.md (3.2.1.post1) states them per model
-# (read from the package, not guessed): the model card records the one of the encoder used.
-EVOLUTIONARYSCALE_LICENCES = {
-    "esm3-sm-open-v1": {
-        "name": "Cambrian Non-Commercial License Agreement",
-        "url": "https://www.evolutionaryscale.ai/policies/cambrian-non-commercial-license-agreement",
-    },
-    "esmc-300m": {
-        "name": "Cambrian Open License Agreement",
-        "url": "https://www.evolutionaryscale.ai/policies/cambrian-open-license-agreement",
-    },
-    "esmc-600m": {
-        "name": "Cambrian Non-Commercial License Agreement",
-        "url": "https://www.evolutionaryscale.ai/policies/cambrian-non-commercial-license-agreement",
-    },
-}
-
-
 def load_evolutionaryscale_encoder(name_or_path, backend: str, protein_config: dict | None = None):
     """Pretrained ESM3 / ESM C weights in EvolutionaryScale's published format -> `(ProtLLMEvolutionaryScaleEncoder,
     protein_config kwargs)`.

@@ -236,7 +236,8 @@ def test_other_backends_never_import_the_esm_package(tmp_path):
 
 
 def test_load_weights_from_a_local_folder_in_evolutionaryscale_format(tmp_path):
-    from protllm.building import EVOLUTIONARYSCALE_LICENCES, load_evolutionaryscale_encoder
+    from protllm.building import load_evolutionaryscale_encoder
+    from protllm.sharing.card import EVOLUTIONARYSCALE_LICENCES, resolve_license
 
     model, _ = tiny("esm3")
     wrapper = model.model.protein_encoder.esm
@@ -253,6 +254,9 @@ def test_load_weights_from_a_local_folder_in_evolutionaryscale_format(tmp_path):
     # Licences as the esm package's LICENSE.md states them (ESM C 300M open; ESM3 open small and ESM C 600M non-commercial).
     assert EVOLUTIONARYSCALE_LICENCES["esmc-300m"]["name"] == "Cambrian Open License Agreement"
     assert EVOLUTIONARYSCALE_LICENCES["esm3-sm-open-v1"]["name"] == EVOLUTIONARYSCALE_LICENCES["esmc-600m"]["name"] == "Cambrian Non-Commercial License Agreement"
+    # The card names the encoder's own agreement next to the LLM's licence.
+    licence, reason = resolve_license({"meta-llama/Llama-3.1-8B-Instruct": "llama3.1", "esm3-sm-open-v1": "other"})
+    assert licence == "other" and "Cambrian Non-Commercial License Agreement" in reason
 
 
 def test_stella_esm3_recipe_dry_runs_on_tiny_stand_ins(tmp_path, shared_data):

@@ -52,7 +52,14 @@ KNOWN_LICENSES = {
     "facebook/esm2_": "mit",
     "facebook/esm1b": "mit",
     "westlake-repl/SaProt": "mit",
-    "EvolutionaryScale/esm3": "other",  # EvolutionaryScale Cambrian Open License
+    # EvolutionaryScale's licences are their own agreements (no Hub licence id): `other`, named by
+    # EVOLUTIONARYSCALE_LICENCES below. Published names (recipes may use them) and Hub ids both map.
+    "EvolutionaryScale/esm3-sm-open-v1": "other",
+    "EvolutionaryScale/esmc-300m": "other",
+    "EvolutionaryScale/esmc-600m": "other",
+    "esm3-sm-open-v1": "other",
+    "esmc-300m": "other",
+    "esmc-600m": "other",
     "meta-llama/Meta-Llama-3-": "llama3",
     "meta-llama/Llama-3.1-": "llama3.1",
     "meta-llama/Meta-Llama-3.1-": "llama3.1",
@@ -70,6 +77,32 @@ KNOWN_LICENSES = {
     "gpt2": "mit",
     "google/gemma": "gemma",
 }
+# Licences of EvolutionaryScale's open models, as the esm package's LICENSE.md (3.2.1.post1) states them per model
+# (read from the package, not guessed): the model card records the one of the encoder used.
+EVOLUTIONARYSCALE_LICENCES = {
+    "esm3-sm-open-v1": {
+        "name": "Cambrian Non-Commercial License Agreement",
+        "url": "https://www.evolutionaryscale.ai/policies/cambrian-non-commercial-license-agreement",
+    },
+    "esmc-300m": {
+        "name": "Cambrian Open License Agreement",
+        "url": "https://www.evolutionaryscale.ai/policies/cambrian-open-license-agreement",
+    },
+    "esmc-600m": {
+        "name": "Cambrian Non-Commercial License Agreement",
+        "url": "https://www.evolutionaryscale.ai/policies/cambrian-non-commercial-license-agreement",
+    },
+}
+
+
+def evolutionaryscale_licence(name: str | None) -> dict | None:
+    """The licence agreement of an EvolutionaryScale model named by published name, Hub id or local path."""
+    if not name:
+        return None
+    basename = Path(str(name).rstrip("/")).name
+    return next((lic for model, lic in EVOLUTIONARYSCALE_LICENCES.items() if basename.startswith(model)), None)
+
+
 # Higher = more restrictive.
 LICENSE_RANK = {
     "mit": 0, "bsd-2-clause": 0, "bsd-3-clause": 0, "unlicense": 0, "cc0-1.0": 0,
@@ -102,7 +135,9 @@ def resolve_license(bases: dict[str, str | None]) -> tuple[str, str]:
     """`{base: licence or None}` -> (licence id for the card, a sentence saying why). See the module docstring."""
     if not bases:
         return "other", "No base model is recorded, so no licence can be inherited: `other`, decide before sharing."
-    listed = ", ".join(f"`{b}`: {lic or 'unknown'}" for b, lic in bases.items())
+    listed = ", ".join(
+        f"`{b}`: {lic or 'unknown'}" + (f" ({agreement['name']}, {agreement['url']})" if (agreement := evolutionaryscale_licence(b)) else "")
+        for b, lic in bases.items())
     licences = set(bases.values())
     if None in licences:
         return "other", f"At least one base licence is unknown ({listed}): `other` until a person checks them."
