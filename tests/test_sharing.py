@@ -338,6 +338,20 @@ def test_card_without_eval_results_warns(copy_of):
     upload.assert_called_once()
 
 
+def test_card_states_the_retrieval_database(copy_of):
+    from retrieval_protllm import RetrievalDatabase
+
+    assert "## Retrieval" not in sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS).content
+    database = RetrievalDatabase(
+        [{"id": "P1", "sequence": "MKTAYIAKQR", "annotations": {"function_text": "A kinase."}},
+         {"id": "P2", "sequence": "MSDNGPQNQR", "annotations": {"protein_name": "Toxin"}}],
+        {"sources": ["data/demo"], "training": {"max_identity": 0.3, "exclusion": "leave_one_out"}})
+    database.save(copy_of / "retrieval")
+    card = sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=None).content
+    section = card.split("## Retrieval", 1)[1].split("\n## ", 1)[0]
+    assert "2 proteins" in section and "`data/demo`" in section and "above 0.3 identity" in section
+
+
 def test_metrics_without_retrieval_baseline_are_flagged(copy_of):
     metrics = json.loads(json.dumps(METRICS))
     del metrics["tasks"]["function_text"]["predictors"]["retrieval"]

@@ -466,12 +466,38 @@ def build_model_card(folder, *, repo_id: str | None = None, training_args=None, 
                f"of STELLA (arXiv 2506.03800) and SEPIT (arXiv 2410.03553). The protein encoder's per-residue states are "
                f"projected into the LLM's input embeddings at `<protein>` placeholders.")
     return ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, model_name=model_name, summary=summary, architecture=architecture,
+        card_data, template_str=CARD_TEMPLATE, retrieval=retrieval_section(folder), model_name=model_name, summary=summary, architecture=architecture,
         parameters=parameters, bases_text="; ".join(bases_text), license=license, license_reason=licence_reason,
         usage=usage_snippet(repo_id).rstrip(), finetune=finetune_snippet(repo_id).rstrip(), max_protein_length=config.get("max_protein_length"),
         structure=structure, training=render_training(training_args), evaluation=evaluation,
         has_eval=bool(eval_results), stella=STELLA_BIBTEX, sepit=SEPIT_BIBTEX,
     )
+
+
+def retrieval_section(folder) -> str | None:
+    """What the folder's retrieval database is (size, sources, search, the identity cap used in training), read from
+    `retrieval/retrieval_config.json`; None when the model has no database."""
+    path = Path(folder) / "retrieval" / "retrieval_config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    training = config.get("training") or {}
+    sources = config.get("sources") or []
+    sources = ", ".join(f"`{s}`" if isinstance(s, str) else f"`{s.get('name', s)}`" for s in sources) or "not recorded"
+    fields = ", ".join(f"{field} {count}" for field, count in (config.get("fields") or {}).items()) or "not recorded"
+    lines = [
+        f"- **Database**: {config.get('size', '?')} proteins with their annotations (annotated: {fields}), "
+        f"in `retrieval/` (plain JSON, no pickle). Sources: {sources}.",
+        f"- **Search**: {config.get('tool', 'not recorded')}; top {config.get('k')} neighbours with E-value <= {config.get('max_evalue')}, "
+        "rendered into the prompt next to the protein tokens (the encoder path stays).",
+    ]
+    if training:
+        lines.append(f"- **Training**: each training protein saw neighbours from the training set excluding itself "
+                     f"({training.get('exclusion', 'leave_one_out')}) and anything above {training.get('max_identity')} identity, "
+                     "so the model learned to use distant homologs rather than copy an identical neighbour.")
+    lines.append("- Pass `retrieval=False` to `processor.apply_chat_template` for the encoder path alone, or your own "
+                 "`{\"type\": \"neighbours\", ...}` block.")
+    return "\n".join(lines)
 
 
 def write_model_card(folder, **kwargs) -> Path:
