@@ -8,6 +8,7 @@ R = T - 2 residue positions, B text rows, S text length, D_p encoder width, D LL
 """
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -411,10 +412,10 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
         # Rebuild what the generic initialiser does not know (meta-device init leaves it uninitialised).
         if isinstance(module, ProtLLMGaussianKernels):
             module.reset_parameters()
-        else:
-            reset_non_persistent_buffers(module)  # the esm package's rotary inv_freq (ESM3 / ESM C)
         elif isinstance(module, ProtLLMResampler):
             nn.init.normal_(module.queries, std=0.02)
+        else:
+            reset_non_persistent_buffers(module)  # the esm package's rotary inv_freq (ESM3 / ESM C)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
@@ -751,6 +752,30 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         if attention_mask is not None and attention_mask.numel() != router_logits[0].shape[0]:
             attention_mask = None  # cached decoding: the router saw only the new tokens
         return load_balancing_loss_func(router_logits, self.config.moe_num_experts, self.config.moe_top_k, attention_mask)
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, after checking the prompt fits the LLM's context (`max_position_embeddings`).
+
+        Policy: a prompt that does not fit is refused before anything runs (past the context the model sees positions
+        it never trained on and answers nonsense, slowly); an answer budget that would overflow the context is cut to
+        what fits, with a warning.
+        """
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        if input_ids is not None and context:
+            prompt = int(input_ids.shape[-1])
+            if prompt >= context:
+                raise ValueError(
+                    f"the prompt has {prompt} tokens (proteins included) but the language model's context is {context} "
+                    "tokens (text_config.max_position_embeddings): shorten the question, or give fewer or shorter "
+                    "proteins (max_protein_length)"
+                )
+            max_new_tokens = kwargs.get("max_new_tokens")
+            if max_new_tokens is not None and prompt + max_new_tokens > context:
+                warnings.warn(f"max_new_tokens={max_new_tokens} cut to {context - prompt}: the {prompt}-token prompt "
+                              f"leaves that much of the {context}-token context", stacklevel=2)
+                kwargs["max_new_tokens"] = context - prompt
+        return super().generate(*args, **kwargs)
 
     def _prepare_generation_config(self, generation_config, **kwargs):
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
