@@ -12,6 +12,15 @@ Splits: ``given`` (the inputs' own split field; CLEAN=train, New-392=test), ``cl
 --min-seq-id/--coverage, then --purge moves held-out proteins above the threshold to train),
 ``temporal`` (--cutoff YYYY-MM-DD on the entry date). Output: save_to_disk folder (written to a
 temp dir and renamed) with README.md dataset card and build_summary.json; --push-to-hub REPO.
+
+Large inputs (Swiss-Prot, 500k+ proteins): ``--num-proc N`` streams. The main process reads and validates the
+proteins (one global duplicate check) and spills them to disk in shards of ``--shard-proteins`` proteins per
+split; N worker processes turn shards into records straight into Arrow (``datasets.Dataset.from_generator``), and
+the dataset is saved in Arrow shards of at most ``--max-shard-size``. Memory stays bounded by one shard per process
+(plus the set of accessions seen). The result does not depend on N: shard boundaries depend only on
+``--shard-proteins``, and the multiple-choice / yes-no distractor pools are drawn within a shard (so a streaming
+build differs from a non-streaming one by those pools, and is equal for every N). Needs ``--split given``
+(cluster / temporal splits need every sequence at once).
 """
 
 from __future__ import annotations
@@ -198,6 +207,118 @@ def build(args) -> dict:
     return summary
 
 
+def _shard_records(shard_files: list[str], tasks_by_kind: dict, seed: int, mcqa_permutations: int):
+    """Worker side of the streaming build: records of each protein shard (JSONL written by `build_streaming`), in
+    shard order; the shard's counters go to `<shard>.stats.json` for the main process to merge."""
+    for shard in shard_files:
+        kind, split = Path(shard).name.split(".")[:2]
+        with open(shard) as handle:
+            proteins = [json.loads(line) for line in handle]
+        stats = BuildStats()
+        yield from build_records(proteins, split, tasks_by_kind[kind], seed=seed, source=kind, stats=stats,
+                                 mcqa_permutations=mcqa_permutations, yes_no_label_fn=_yes_no_labels)
+        Path(shard + ".stats.json").write_text(json.dumps(stats.as_dict()))
+
+
+def build_streaming(args) -> dict:
+    """`build` for inputs too large for memory (see the module docstring): `--num-proc`, `--shard-proteins`."""
+    import shutil
+    import tempfile
+
+    import datasets
+
+    from .card import FEATURES
+
+    if args.split != "given":
+        raise SystemExit(f"--num-proc streams with --split given only (got --split {args.split}): "
+                         "cluster and temporal splits need every sequence at once")
+    if args.instructions or args.sepit or args.structures_dir or args.structure_map:
+        raise SystemExit("--num-proc streams protein sources only (not --instructions, --sepit or structures)")
+    t0 = time.time()
+    stats = BuildStats()
+    wanted = set(args.tasks.split(",")) if args.tasks else None
+    work = Path(tempfile.mkdtemp(prefix=".protllm-build-", dir=Path(args.out).resolve().parent if args.out else None))
+    shards: dict[str, list[str]] = {}
+    try:
+        seen: set[str] = set()  # the one global structure: the accessions kept so far (first one wins, as in `build`)
+        spec = [("yeast", args.yeast, readers.read_yeast_function), ("clean", args.clean, readers.read_clean_ec),
+                ("clean_test", args.clean_test, readers.read_clean_ec), ("go", args.go, readers.read_go_jsonl),
+                ("swissprot", args.swissprot, readers.read_swissprot_dat),
+                ("uniprot_tsv", args.uniprot_tsv, readers.read_uniprot_tsv),
+                ("uniprot_json", args.uniprot_json, readers.read_uniprot_json), ("fasta", args.fasta, readers.read_fasta)]
+        sources = []
+        for kind, paths, read in spec:
+            for path in paths or []:
+                sources.append((kind, str(path)))
+                source_stats = BuildStats()
+                pending: dict[str, list[dict]] = {}
+                counter = {"n": 0}
+
+                def spill(split: str) -> None:
+                    name = work / f"{kind}.{split}.{counter['n']:06d}.jsonl"
+                    counter["n"] += 1
+                    name.write_text("".join(json.dumps(q) + "\n" for q in pending.pop(split)))
+                    shards.setdefault(split, []).append(str(name))
+
+                for protein in read(path, source_stats):
+                    protein["source"] = protein.get("source") or kind
+                    split = "test" if kind == "clean_test" else protein.get("split") or "train"
+                    split = SPLIT_ALIASES.get(split, split)
+                    kept = validate_proteins([protein], source_stats, max_length=args.max_length, crop=args.crop)
+                    if not kept:
+                        continue
+                    if kept[0]["accession"] in seen:
+                        source_stats.add("duplicate_accession", kept[0]["accession"])
+                        continue
+                    seen.add(kept[0]["accession"])
+                    pending.setdefault(split, []).append(kept[0])
+                    if len(pending[split]) >= args.shard_proteins:
+                        spill(split)
+                for split in sorted(pending):
+                    spill(split)
+                for key, value in source_stats.counts.items():
+                    stats.add(f"{kind}:{key}", n=value)
+        tasks_by_kind = {kind: [t for t in SOURCE_TASKS[kind] if wanted is None or t in wanted] for kind in SOURCE_TASKS}
+        splits = {}
+        for split, files in sorted(shards.items()):
+            # One generator job per shard list slice; datasets keeps the shards' order whatever num_proc is.
+            splits[split] = datasets.Dataset.from_generator(
+                _shard_records, features=FEATURES, cache_dir=str(work / "cache"), num_proc=min(args.num_proc, len(files)),
+                gen_kwargs={"shard_files": files, "tasks_by_kind": tasks_by_kind, "seed": args.seed,
+                            "mcqa_permutations": args.mcqa_permutations},
+                keep_in_memory=False)
+            for shard in files:
+                shard_stats = json.loads(Path(shard + ".stats.json").read_text())
+                for key, value in shard_stats["counts"].items():
+                    stats.add(key, n=value)
+        dd = datasets.DatasetDict(splits)
+        method = (f"Splits as given by the sources; streaming build in shards of {args.shard_proteins} proteins "
+                  "(multiple-choice and yes/no distractors drawn within a shard).")
+        summary = {"rows": {s: len(d) for s, d in dd.items()}, "stats": stats.as_dict(), "split_method": method,
+                   "seconds": round(time.time() - t0, 2), "seed": args.seed,
+                   "streaming": {"num_proc": args.num_proc, "shard_proteins": args.shard_proteins,
+                                 "protein_shards": sum(len(f) for f in shards.values()),
+                                 "max_shard_size": args.max_shard_size}}
+        srcs = [{"name": f"{k}: {Path(p).name}", "version": "", "licence": LICENCES.get(k, "")} for k, p in sources]
+        card = make_card(dd, pretty_name=args.name, sources=srcs, split_method=method, mmseqs_version="not used",
+                         summary=stats.as_dict(), identity=None,
+                         command="python -m data.build " + " ".join(sys.argv[1:]) if args.record_command else None,
+                         licence=args.licence)
+        if args.out:
+            save_atomic(dd, args.out, {"README.md": str(card),
+                                       "build_summary.json": json.dumps(summary, indent=1, sort_keys=True) + "\n"},
+                        num_proc=args.num_proc, max_shard_size=args.max_shard_size)
+            if args.push_to_hub:
+                push_to_hub(args.out, args.push_to_hub, private=not args.public)
+            # The saved copy, memory-mapped: the working cache below is about to go.
+            dd = datasets.load_from_disk(str(args.out))
+        summary["_dataset"] = dd
+        summary["_card"] = card
+        return summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k in ("yeast", "clean", "clean-test", "go", "swissprot", "uniprot-tsv", "uniprot-json", "fasta",
@@ -227,12 +348,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--push-to-hub", metavar="REPO_ID")
     ap.add_argument("--public", action="store_true")
     ap.add_argument("--no-record-command", dest="record_command", action="store_false")
+    ap.add_argument("--num-proc", type=int, default=None,
+                    help="stream large inputs: build records in this many processes (see the module docstring)")
+    ap.add_argument("--shard-proteins", type=int, default=10000, help="proteins per shard of a streaming build")
+    ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow file of the saved dataset")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    summary = build(args)
+    if args.num_proc is not None and args.num_proc < 1:
+        raise SystemExit(f"--num-proc must be >= 1, got {args.num_proc}")
+    summary = build_streaming(args) if args.num_proc else build(args)
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=1, sort_keys=True))
     return 0
 

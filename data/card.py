@@ -34,7 +34,7 @@ def to_dataset_dict(records_by_split: dict[str, list[dict]]) -> datasets.Dataset
 
 
 def save_atomic(dd: datasets.DatasetDict, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                _fail_after_write: bool = False) -> Path:
+                _fail_after_write: bool = False, **save_kwargs) -> Path:
     """``save_to_disk`` into a temp dir next to ``out_dir``, add ``extra_files`` (name -> text), then rename.
 
     An existing ``out_dir`` is replaced only after the new one is complete; on any error the temp
@@ -45,7 +45,7 @@ def save_atomic(dd: datasets.DatasetDict, out_dir: str | os.PathLike, extra_file
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old = None
     try:
-        dd.save_to_disk(str(tmp / "ds"))
+        dd.save_to_disk(str(tmp / "ds"), **save_kwargs)  # num_proc, max_shard_size
         final_tmp = tmp / "ds"
         for name, text in (extra_files or {}).items():
             (final_tmp / name).write_text(text)

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 
+from modeling_protllm import ProtLLMForConditionalGeneration
+
 from ..building import model_parameter_counts, upcycle_to_moe
 from ..model_folder import save_model_folder
 from ..parameter_groups import protllm_core, set_trainable
 from .collator import ProtLLMDataCollator
 from .feature_cache import FeatureCache
-from .trainers import CollatorStatsCallback, make_sft_trainer, restore_model_dtype, upcast_trainable_parameters
+from .trainers import (CollatorStatsCallback, make_sft_trainer, restore_model_dtype, unsharded_copy,
+                       upcast_trainable_parameters)
 from .warmup import WarmupCollator, WarmupHeads, WarmupModel, load_pretrained_mlm_head, make_warmup_trainer
 
 logger = logging.getLogger("protllm.train")
@@ -114,11 +117,29 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
         wrapper.pretrained_mlm_head = pretrained_head
         summary["mlm_head"] = "ESM pretrained" if pretrained_head else "ESM-initialised, decoder tied to the embeddings"
         model_dtype = upcast_trainable_parameters(wrapper, training_args)
-        trainer = make_warmup_trainer(wrapper, training_args, train_dataset, WarmupCollator(processor),
+        warmup_rows, held_out = train_dataset, []
+        if stage_spec.get("mlm_sequences"):  # every sequence we have, beside the captioned training rows
+            from .warmup import mlm_corpus, mlm_perplexity
+
+            max_length = getattr(processor, "max_protein_length", None)
+            corpus, held_out = mlm_corpus(stage_spec["mlm_sequences"], stage_spec.get("mlm_exclude") or (),
+                                          max_length=max_length, seed=training_args.seed)
+            warmup_rows = [dict(row) for row in train_dataset] + corpus
+            held_out = held_out[: stage_spec.get("mlm_eval_sequences", 256)]
+            summary["mlm_corpus"] = {"sequences": len(corpus), "captioned_rows": len(train_dataset),
+                                     "files": list(stage_spec["mlm_sequences"]), "held_out_files": list(stage_spec.get("mlm_exclude") or [])}
+            if held_out:
+                summary["mlm_perplexity"] = {"before": mlm_perplexity(wrapper, processor, held_out, max_length=max_length)}
+        trainer = make_warmup_trainer(wrapper, training_args, warmup_rows, WarmupCollator(processor),
                                       new_module_lr_multiplier=stage_spec.get("new_module_lr_multiplier", 10.0))
         trainer.train(resume_from_checkpoint=resume)
         steps = max(trainer.state.global_step, 1)
         summary["warmup_losses"] = {k: v / steps for k, v in wrapper.loss_parts.items()}
+        if held_out:
+            summary["mlm_perplexity"]["after"] = mlm_perplexity(wrapper, processor, held_out, max_length=max_length)
+            logger.info("[warmup] encoder MLM perplexity on %d held-out sequences: %.2f before -> %.2f after",
+                        len(held_out), summary["mlm_perplexity"]["before"]["perplexity"],
+                        summary["mlm_perplexity"]["after"]["perplexity"])
     else:
         feature_cache = None
         if stage.uses_feature_cache(stage_spec, model):
@@ -139,9 +160,19 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
         summary["collator"] = dict(collator.stats)
         if feature_cache is not None:
             summary["feature_cache"].update(hits=feature_cache.hits, misses=feature_cache.misses)
+        # FSDP sharded the parameters in place: go on with an unsharded copy (a no-op without FSDP).
+        def rebuild(config=model.config, generation_config=model.generation_config):
+            fresh = ProtLLMForConditionalGeneration(config)
+            fresh.generation_config = generation_config
+            return _lora_model(fresh, stage_spec) if stage.uses_lora(stage_spec) else fresh
+
+        train_model = unsharded_copy(trainer, train_model, rebuild)
         if stage.uses_lora(stage_spec):
-            train_model.save_pretrained(stage_dir / "adapter")
+            if trainer.is_world_process_zero():
+                train_model.save_pretrained(stage_dir / "adapter")
             model = train_model.merge_and_unload()
+        else:
+            model = train_model
 
     history = list(trainer.state.log_history)
     seconds = time.time() - started

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import TrainerCallback
 
 from ..building import cast_floating_parameters
-from ..parameter_groups import part_of
+from ..parameter_groups import part_of, protllm_core
 
 logger = logging.getLogger("protllm.train")
 
@@ -28,6 +29,13 @@ def upcast_trainable_parameters(model, args) -> torch.dtype | None:
     original = half[0].dtype
     if args.bf16 or args.fp16:
         cast_floating_parameters(model, torch.float32, trainable_only=True)
+        # A trained encoder goes to fp32 whole: parameters it keeps frozen (contact head, layers past the feature
+        # layer) still run on its fp32 activations, and LayerNorm on CPU refuses fp32 inputs with bf16 weights.
+        from ..parameter_groups import protllm_core
+
+        encoder = protllm_core(model).protein_encoder
+        if any(p.requires_grad for p in encoder.parameters()):
+            cast_floating_parameters(encoder, torch.float32)
         logger.info("mixed precision: %d trained parameter tensors (%.1fM values) upcast from %s to fp32 master weights; "
                     "frozen parameters stay %s, autocast computes in %s", len(half), sum(p.numel() for p in half) / 1e6,
                     original, original, "bf16" if args.bf16 else "fp16")
@@ -60,6 +68,70 @@ def build_optimizer(model, args, part_learning_rates: dict[str, float]):
     return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
+def fsdp_layer_classes(model) -> list[str]:
+    """The module classes that become their own FSDP unit: the LLM's decoder layer (its `_no_split_modules`, e.g.
+    `LlamaDecoderLayer`; MoE-upcycled layers keep that class) and the whole protein encoder.
+
+    Why the encoder is one unit of its own: it runs once per step, before the LLM, and is usually frozen (no
+    gradients to reduce-scatter); as its own unit it is gathered for its forward and freed right after, instead of
+    staying gathered for the whole step as part of the root unit. The projector (a few M parameters) stays in the
+    root unit with the token embeddings and the LM head: a unit of its own would add two collectives per step to
+    save almost no memory.
+    """
+    core = protllm_core(model)
+    names = list(getattr(core.language_model, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(core.language_model).__name__} declares no _no_split_modules: set "
+                         "fsdp_transformer_layer_cls_to_wrap in the accelerate config to its decoder layer class")
+    return names + [type(core.protein_encoder).__name__]
+
+
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """accelerate 1.15 turns `distributed_type: FSDP` into FSDP only on accelerators (MULTI_GPU, XPU, ...); with
+    CPU processes it silently falls back to DDP. torch's FSDP2 (`fully_shard`) runs on CPU over gloo, so when the
+    launcher asked for FSDP (`ACCELERATE_USE_FSDP=true`) and the state is MULTI_CPU, switch the state to FSDP with
+    the plugin read from the launcher's FSDP_* variables, as accelerate does on GPUs. Returns True when switched."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    logger.info("FSDP%d on %d CPU processes (gloo); units: %s", plugin.fsdp_version, state.num_processes,
+                os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"))
+    return True
+
+
+def unsharded_copy(trainer, trained_model, rebuild):
+    """After an FSDP run: the trained weights in a fresh, unsharded module (FSDP2 turned `trained_model`'s parameters
+    into DTensor shards in place; saving, LoRA merging and the next stage need plain tensors).
+
+    `rebuild()` returns an unsharded module of the same structure (a ProtLLM, or a PEFT model around one). Every
+    rank gathers the full tensors one at a time (a collective: all ranks call this in the same order), so peak extra
+    device memory is one tensor; the copy lives on the CPU. Returns `trained_model` itself when it is not sharded.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return trained_model
+    from torch.distributed.tensor import DTensor
+    from transformers.initialization import no_init_weights
+
+    full = {}
+    for name, tensor in trained_model.state_dict().items():
+        full[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+    with no_init_weights():  # every weight is overwritten below
+        copy = rebuild()
+    # assign: the gathered tensors keep their dtypes (fp32 master weights beside bf16 frozen ones, restored by the
+    # caller); state_dict() lists tied weights under both names, so the tie is remade after.
+    copy.load_state_dict(full, strict=True, assign=True)
+    if hasattr(copy, "tie_weights"):
+        copy.tie_weights()
+    return copy
+
+
 def make_sft_trainer(model, processor, args, train_dataset, collator, part_learning_rates=None, eval_dataset=None,
                      callbacks=None, fused_lm_head: bool | None = None):
     """TRL's SFTTrainer with our collator and per-part learning rates.
@@ -73,8 +145,18 @@ def make_sft_trainer(model, processor, args, train_dataset, collator, part_learn
     from transformers import Trainer as HFTrainer
     from trl import SFTTrainer
 
-    class ProtLLMSFTTrainer(SFTTrainer):
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        # The accelerate plugin reads this when the Trainer builds it; the ProtLLM's own `_no_split_modules` names
+        # only the encoder, which would leave the decoder layers unsharded inside the root unit.
+        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(fsdp_layer_classes(model))
+
+    class ProtLLMSFTTrainer(RemoveFailedCheckpoint, SFTTrainer):
         use_fused_lm_head = fused_lm_head
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            if enable_fsdp_on_cpu(self.accelerator):
+                self.is_fsdp_enabled = True
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -106,3 +188,46 @@ class CollatorStatsCallback(TrainerCallback):
         if logs is not None and "loss" in logs:
             for key in ("truncated_examples", "truncated_answer_tokens", "dropped_examples"):
                 logs[f"collator/{key}"] = self.collator.stats.get(key, 0)
+
+
+class RemoveFailedCheckpoint:
+    """Trainer mixin: a checkpoint save that raises (safetensors refusing a tensor, a full disk) removes the
+    `checkpoint-N` folder it was writing, so `--resume_from_checkpoint` never picks up a half-written one."""
+
+    def _save_checkpoint(self, model, trial):
+        import shutil
+        from pathlib import Path
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        existed = folder.exists()
+        try:
+            return super()._save_checkpoint(model, trial)
+        except BaseException:
+            if not existed and self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+
+def last_complete_checkpoint(folder) -> str | None:
+    """The newest `checkpoint-N` under `folder` that a save finished (its `trainer_state.json`, written last, exists).
+
+    Newer folders without it were left by a save that was killed or failed: they are removed (with a warning), since
+    transformers' `get_last_checkpoint` would pick them and the resume would fail on them.
+    """
+    import re
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), path) for path in folder.iterdir()
+                   if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name)))
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        logger.warning("removing %s: an incomplete checkpoint (no trainer_state.json; its save was killed or failed)", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
