@@ -140,6 +140,8 @@ def build_protllm(
     else:  # a random encoder: built for real, initialised as EsmModel initialises itself
         with torch.device("cpu"):
             core.protein_encoder = type(core.protein_encoder)(config)
+        if core.protein_encoder.structure_bias is not None:  # initialised as the rest of the ProtLLM's new modules
+            core.protein_encoder.structure_bias.apply(model._init_weights)
     model.tie_weights()
     new_modules = _materialize_meta_modules(model)
     del llm, llm_body, encoder_module

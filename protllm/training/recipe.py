@@ -74,6 +74,8 @@ def validate_recipe(recipe: dict, path="recipe") -> dict:
     if model.get("retrieval"):
         _check_retrieval(model["retrieval"], path)
     _check_keys(recipe.get("data") or {}, DATA_KEYS, "data", path)
+    if (recipe.get("data") or {}).get("on_bad_rows", "stop") not in ("stop", "skip"):
+        raise RecipeError(f"{path}: `data.on_bad_rows` must be stop or skip, got {recipe['data']['on_bad_rows']!r}")
     sft_fields = _sft_config_fields()
     _check_keys(recipe.get("training") or {}, sft_fields, "training", path)
     _check_keys(recipe.get("evaluate") or {}, EVALUATE_KEYS, "evaluate", path)

@@ -10,6 +10,11 @@ Recipe switch (`model.retrieval:`; keys checked by `recipe.py`):
         max_evalue: 0.01
         max_annotation_chars: 160
         fields: [protein_name, function_text, ec_number, reaction]   # the tasks whose answers annotate a protein
+        train_rows: 800           # optional: train on a seeded sample of this many rows (the database keeps all)
+
+The search is an exhaustive Smith-Waterman against the whole database (pyswrd), so its cost grows with the number
+of training rows searched. A short run sees only `max_steps x batch` rows: `train_rows` searches (and trains on) a
+seeded sample of that size while the database still holds every training protein.
 
 Every training protein is searched against the database of all training proteins, excluding itself (and its
 cluster), and every neighbour above `max_identity`: the model learns to use distant homologs, not to copy an
@@ -129,9 +134,19 @@ def add_neighbours(dataset, database: RetrievalDatabase, spec: dict):
     return dataset, stats
 
 
-def attach_retrieval(processor, dataset, spec: dict, sources: list[str]):
-    """Build the database from `dataset`, give it to `processor` (saved with every model folder), add neighbours."""
+def attach_retrieval(processor, dataset, spec: dict, sources: list[str], seed: int = 0):
+    """Build the database from `dataset`, give it to `processor` (saved with every model folder), add neighbours.
+
+    With `spec["train_rows"]`, the returned dataset is a seeded sample of that many rows (neighbours are searched
+    for those only); the database is built from every row either way.
+    """
     database = build_database(dataset, spec, sources)
+    train_rows = spec.get("train_rows")
+    if train_rows is not None:
+        if not isinstance(train_rows, int) or isinstance(train_rows, bool) or train_rows <= 0:
+            raise ValueError(f"model.retrieval.train_rows must be a positive integer, got {train_rows!r}")
+        if train_rows < len(dataset):
+            dataset = dataset.shuffle(seed=seed).select(range(train_rows))
     dataset, stats = add_neighbours(dataset, database, spec)
     database.config["training"].update(stats)
     processor.retrieval_database = database

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 
@@ -12,6 +13,8 @@ from transformers import Trainer
 
 from ..parameter_groups import is_new_warmup_module
 from .data import rows_to_messages
+
+logger = logging.getLogger("protllm.train")
 
 
 class WarmupHeads(nn.Module):
@@ -156,21 +159,26 @@ class WarmupModel(nn.Module):
     # warm-up trains the encoder only, so it is the encoder's layers that recompute.
     supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         encoder = self.protllm.model.protein_encoder
-        if not hasattr(encoder.esm, "gradient_checkpointing_enable"):
+        if not hasattr(encoder.esm, "activation_checkpointing_enable"):
             raise ValueError(f"gradient_checkpointing: the {encoder.backend} encoder backend does not support it; "
                              "set `gradient_checkpointing: false` for the warm-up stage")
-        encoder.esm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        encoder.esm.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
 
-    def gradient_checkpointing_disable(self):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):  # the transformers 4 name
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
         encoder = self.protllm.model.protein_encoder
-        if hasattr(encoder.esm, "gradient_checkpointing_disable"):
-            encoder.esm.gradient_checkpointing_disable()
+        if hasattr(encoder.esm, "activation_checkpointing_disable"):
+            encoder.esm.activation_checkpointing_disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.protllm.model.protein_encoder.esm, "is_gradient_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.protllm.model.protein_encoder.esm, "is_activation_checkpointing", False))
 
     def forward(self, protein_input_ids, protein_attention_mask, caption_input_ids=None, caption_attention_mask=None,
                 protein_coords=None, protein_coord_mask=None, **kwargs):
@@ -196,8 +204,16 @@ class WarmupModel(nn.Module):
             logits = self.heads.mlm_head(states.to(self.heads.mlm_head.dense.weight.dtype))
             targets = ids[:, 1:-1].masked_fill(~masked[:, 1:-1], -100)
             losses["mlm"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        if self.loss_weights.get("contrastive", 0) and len(ids) > 1 and caption_input_ids is not None:
-            pooled = (states * residue_mask.unsqueeze(-1)).sum(1) / residue_mask.sum(1, keepdim=True).clamp(min=1)
+        captioned = kwargs.get("caption_present")  # (P,) bool: MLM-only sequences (no caption) sit out the contrastive loss
+        if captioned is not None and int(captioned.sum()) < len(ids):
+            keep = captioned.bool()
+            states_c, residue_mask_c = states[keep], residue_mask[keep]
+            caption_input_ids = caption_input_ids[keep] if caption_input_ids is not None else None
+            caption_attention_mask = caption_attention_mask[keep] if caption_attention_mask is not None else None
+        else:
+            states_c, residue_mask_c = states, residue_mask
+        if self.loss_weights.get("contrastive", 0) and len(states_c) > 1 and caption_input_ids is not None:
+            pooled = (states_c * residue_mask_c.unsqueeze(-1)).sum(1) / residue_mask_c.sum(1, keepdim=True).clamp(min=1)
             with torch.no_grad():
                 caption = model.get_input_embeddings()(caption_input_ids).float()
                 caption_mask = caption_attention_mask.unsqueeze(-1).float()
@@ -219,11 +235,41 @@ class WarmupModel(nn.Module):
         return {"loss": loss}
 
 
+def _unique_tensors(state_dict: dict) -> tuple[dict, set[str]]:
+    """`state_dict` with each tensor once (the first name of tensors shared under several names), and the names dropped."""
+    unique, seen, dropped = {}, set(), set()
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride(), tensor.dtype)
+        if tensor.numel() and key in seen:
+            dropped.add(name)
+            continue
+        seen.add(key)
+        unique[name] = tensor
+    return unique, dropped
+
+
 def make_warmup_trainer(warmup_model: WarmupModel, args, train_dataset, collator, new_module_lr_multiplier: float = 10.0,
                         callbacks=None):
     """A Trainer on the warm-up losses; new modules (structure bias, heads) at `new_module_lr_multiplier` x the LR."""
 
-    class ProtLLMWarmupTrainer(Trainer):
+    from .trainers import RemoveFailedCheckpoint
+
+    class ProtLLMWarmupTrainer(RemoveFailedCheckpoint, Trainer):
+        def _save(self, output_dir=None, state_dict=None):
+            # The wrapper is not a PreTrainedModel, so Trainer writes its raw state dict with safetensors, which
+            # refuses tensors shared under two names (an LLM's lm_head tied to embed_tokens). Keep each tensor once:
+            # the resume loads it with strict=False, and the tie fills the other name.
+            if state_dict is None:
+                state_dict, _ = _unique_tensors(self.model.state_dict())
+            return super()._save(output_dir, state_dict=state_dict)
+
+        def _issue_warnings_after_load(self, load_result):
+            _, tied_names = _unique_tensors(self.model.state_dict())
+            missing = [name for name in load_result.missing_keys if name not in tied_names]
+            if missing or load_result.unexpected_keys:
+                logger.warning("checkpoint load: missing keys %s, unexpected keys %s", missing, load_result.unexpected_keys)
+
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 lr = self.args.learning_rate
@@ -252,8 +298,14 @@ class WarmupCollator:
         self.max_caption_tokens = max_caption_tokens
 
     def __call__(self, rows):
-        proteins, captions = [], []
+        proteins, captions, captioned = [], [], []
         for row in rows:
+            if "messages" not in row and row.get("sequence"):  # an MLM-only sequence (see `mlm_corpus`)
+                proteins.append(row["sequence"])
+                captions.append(" ")
+                captioned.append(False)
+                continue
+            captioned.append(True)
             messages = rows_to_messages(row)
             _, row_proteins = self.processor.split_messages(messages)
             if not row_proteins:
@@ -269,6 +321,93 @@ class WarmupCollator:
                                            return_tensors="pt", add_special_tokens=False)
         batch["caption_input_ids"] = caption["input_ids"]
         batch["caption_attention_mask"] = caption["attention_mask"]
+        if not all(captioned):
+            batch["caption_present"] = torch.tensor(captioned)
         return batch
 
 
+
+
+# ----- the masked-LM corpus and its perplexity ------------------------------------------------------------------
+
+
+def read_sequences(paths) -> list[str]:
+    """Every protein sequence of JSONL files (a row's `sequence`, or the `sequence` of each of its `proteins`),
+    upper-cased and de-duplicated in file order. Raises `FileNotFoundError` naming a missing file."""
+    import json
+    from pathlib import Path
+
+    seen: dict[str, None] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"masked-LM corpus: no such file {path}")
+        with open(path) as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} line {number}: {error}") from None
+                found = [row.get("sequence")] + [p.get("sequence") for p in row.get("proteins") or [] if isinstance(p, dict)]
+                for sequence in found:
+                    if isinstance(sequence, str) and sequence.strip():
+                        seen.setdefault(sequence.strip().upper(), None)
+    return list(seen)
+
+
+def mlm_corpus(paths, exclude_paths=(), max_length: int | None = None, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """`(rows, held_out)`: warm-up rows `{"sequence"}` for every sequence of `paths` not in `exclude_paths`, and the
+    excluded sequences (held out: the perplexity is measured on them). Sequences longer than `max_length` become
+    a seeded random window of that length (the whole protein is covered across windows, and no crop warning)."""
+    import random
+
+    held_out = read_sequences(exclude_paths)
+    excluded = set(held_out)
+    rng = random.Random(seed)
+    rows = []
+    for sequence in read_sequences(paths):
+        if sequence in excluded:
+            continue
+        if max_length and len(sequence) > max_length:
+            start = rng.randrange(len(sequence) - max_length + 1)
+            sequence = sequence[start:start + max_length]
+        rows.append({"sequence": sequence})
+    return rows, held_out
+
+
+@torch.no_grad()
+def mlm_perplexity(warmup_model: WarmupModel, processor, sequences: list[str], batch_size: int = 32,
+                   mask_ratio: float = 0.15, seed: int = 0, max_length: int | None = None) -> dict:
+    """Masked-LM perplexity of the encoder on `sequences`: `exp(mean cross-entropy)` over a seeded `mask_ratio` of
+    residues replaced by the mask token (the same positions every call, so before/after are comparable).
+    Sequences are cut to their first `max_length` residues. Returns `{"perplexity", "masked_residues", "sequences"}`."""
+    model = warmup_model.protllm
+    encoder = model.model.protein_encoder
+    heads = warmup_model.heads
+    mask_token = model.config.protein_config.mask_token_id
+    generator = torch.Generator().manual_seed(seed)
+    was_training = warmup_model.training
+    warmup_model.eval()
+    total, count = 0.0, 0
+    device = next(encoder.parameters()).device
+    for start in range(0, len(sequences), batch_size):
+        chunk = [s[:max_length] if max_length else s for s in sequences[start:start + batch_size]]
+        prepared = [processor.prepare_protein(s, i) for i, s in enumerate(chunk)]
+        batch = processor._protein_tensors(prepared)
+        ids = torch.as_tensor(batch["protein_input_ids"])
+        attention = torch.as_tensor(batch["protein_attention_mask"])
+        residues = attention.bool().clone()
+        residues[:, 0] = False
+        residues[torch.arange(len(ids)), attention.sum(1) - 1] = False
+        masked = residues & (torch.rand(ids.shape, generator=generator) < mask_ratio)
+        corrupted = ids.masked_fill(masked, mask_token)
+        states, _ = encoder(corrupted.to(device), attention.to(device), None, None)
+        logits = heads.mlm_head(states.to(heads.mlm_head.dense.weight.dtype)).float()
+        targets = ids[:, 1:-1].masked_fill(~masked[:, 1:-1], -100).to(device)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                       reduction="sum"))
+        count += int((targets != -100).sum())
+    warmup_model.train(was_training)
+    return {"perplexity": round(math.exp(total / max(count, 1)), 3), "masked_residues": count, "sequences": len(sequences)}
