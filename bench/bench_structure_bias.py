@@ -72,7 +72,7 @@ def one(length: int, chunk: int | None, train: bool, repeats: int, data: Path) -
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
     from configuration_protllm import ProtLLMConfig
-    from modeling_protllm import ProtLLMProteinEncoder
+    from encoder_protllm import ProtLLMProteinEncoder
 
     config = ProtLLMConfig(protein_config=dict(ESM2_8M), text_config=dict(TINY_LLM), use_structure_bias=chunk is not None,
                            structure_num_kernels=NUM_KERNELS, structure_chunk_size=chunk or 256,

@@ -96,63 +96,48 @@ def read_jsonl(path, stats: BuildStats = _DUMMY, reader: str = "jsonl") -> Itera
             yield obj
 
 
-def read_yeast_function(path, stats: BuildStats = _DUMMY, source: str = "yeast_function") -> Iterator[dict]:
-    """../shared/data/function/yeast_function.jsonl (UniProt UP000002311 + SGD descriptions)."""
-    for r in read_jsonl(path, stats, "yeast_function"):
+def _proteins_from_jsonl(path, stats: BuildStats, reader: str, to_protein) -> Iterator[dict]:
+    """`to_protein(row)` for each JSONL row with an accession and a sequence; rows without them, or whose fields
+    have the wrong types (well-formed JSON, so a malformed record rather than a crash), count as `malformed:<reader>`."""
+    for r in read_jsonl(path, stats, reader):
         if "accession" not in r or "sequence" not in r:
-            stats.add("malformed:yeast_function", str(r)[:60])
+            stats.add(f"malformed:{reader}", str(r)[:60])
             continue
-        try:  # well-formed JSON with wrong field types is a malformed record, not a crash
-            p = protein(r["accession"], r["sequence"], name=r.get("protein_name"), description=r.get("description"),
-                        ec=list(r.get("ec") or []), reactions=dict(r.get("reactions") or {}), split=r.get("split"),
-                        organism="Saccharomyces cerevisiae", source=source, gene=r.get("gene"),
-                        orf_qualifier=r.get("orf_qualifier"), cluster=r.get("cluster"))
+        try:
+            p = to_protein(r)
         except (TypeError, AttributeError, ValueError):
-            stats.add("malformed:yeast_function", str(r)[:60])
+            stats.add(f"malformed:{reader}", str(r)[:60])
             continue
         yield p
+
+
+def read_yeast_function(path, stats: BuildStats = _DUMMY, source: str = "yeast_function") -> Iterator[dict]:
+    """../shared/data/function/yeast_function.jsonl (UniProt UP000002311 + SGD descriptions)."""
+    return _proteins_from_jsonl(path, stats, "yeast_function", lambda r: protein(
+        r["accession"], r["sequence"], name=r.get("protein_name"), description=r.get("description"),
+        ec=list(r.get("ec") or []), reactions=dict(r.get("reactions") or {}), split=r.get("split"),
+        organism="Saccharomyces cerevisiae", source=source, gene=r.get("gene"),
+        orf_qualifier=r.get("orf_qualifier"), cluster=r.get("cluster")))
 
 
 def read_clean_ec(path, stats: BuildStats = _DUMMY, source: str | None = None, split: str | None = None) -> Iterator[dict]:
     """CLEAN EC sets (clean_split10.jsonl, new392.jsonl): accession, ec list, reactions, sequence."""
     src = source or Path(path).name.split(".")[0]
-    for r in read_jsonl(path, stats, "clean_ec"):
-        if "accession" not in r or "sequence" not in r:
-            stats.add("malformed:clean_ec", str(r)[:60])
-            continue
-        try:
-            p = protein(r["accession"], r["sequence"], ec=list(r.get("ec") or []),
-                        reactions=dict(r.get("reactions") or {}), source=src, split=split)
-        except (TypeError, AttributeError, ValueError):
-            stats.add("malformed:clean_ec", str(r)[:60])
-            continue
-        yield p
+    return _proteins_from_jsonl(path, stats, "clean_ec", lambda r: protein(
+        r["accession"], r["sequence"], ec=list(r.get("ec") or []), reactions=dict(r.get("reactions") or {}),
+        source=src, split=split))
 
 
 def read_go_jsonl(path, stats: BuildStats = _DUMMY, source: str = "fapm_go") -> Iterator[dict]:
     """GO sets (go/fapm_val.jsonl): accession, sequence, go {MF/BP/CC: [{id, name, definition}]}."""
-    for r in read_jsonl(path, stats, "go"):
-        if "accession" not in r or "sequence" not in r:
-            stats.add("malformed:go", str(r)[:60])
-            continue
-        try:
-            go = {a: [{"id": t.get("id"), "name": t.get("name")} for t in (r.get("go") or {}).get(a, [])]
-                  for a in ("MF", "BP", "CC") if (r.get("go") or {}).get(a)}
-            p = protein(r["accession"], r["sequence"], go=go, source=source, organism=r.get("organism_genus"),
-                        split=r.get("split"))
-        except (TypeError, AttributeError, ValueError):
-            stats.add("malformed:go", str(r)[:60])
-            continue
-        yield p
 
+    def to_protein(r):
+        go = {a: [{"id": t.get("id"), "name": t.get("name")} for t in (r.get("go") or {}).get(a, [])]
+              for a in ("MF", "BP", "CC") if (r.get("go") or {}).get(a)}
+        return protein(r["accession"], r["sequence"], go=go, source=source, organism=r.get("organism_genus"),
+                       split=r.get("split"))
 
-def read_enzyme_reactions(path) -> dict[str, list[str]]:
-    """ec/enzyme_reactions.csv (EC,reaction) -> {ec: [reaction, ...]}."""
-    out: dict[str, list[str]] = {}
-    with open_text(path) as fh:
-        for row in csv.DictReader(fh):
-            out.setdefault(row["EC"], []).append(row["reaction"])
-    return out
+    return _proteins_from_jsonl(path, stats, "go", to_protein)
 
 
 # --------------------------------------------------------------------------- FASTA

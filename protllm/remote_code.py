@@ -19,12 +19,14 @@ from pathlib import Path
 REMOTE_CODE_FILES = (
     "collator_protllm.py",
     "configuration_protllm.py",
+    "encoder_protllm.py",
     "esm3_protllm.py",
     "modeling_protllm.py",
     "moe_protllm.py",
     "processing_protllm.py",
     "retrieval_protllm.py",
     "saprot_protllm.py",
+    "structure_files_protllm.py",
     "structure_protllm.py",
 )
 # The `protein-function` pipeline, added to folders that are shared (named in config.json's `custom_pipelines`).

@@ -69,6 +69,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def csa(shared_data) -> Path:
+    """The 206 Catalytic Site Atlas enzyme structures (structures/csa_enzymes, with labels.tsv)."""
+    directory = shared_data / "structures" / "csa_enzymes"
+    if not (directory / "labels.tsv").is_file():
+        pytest.fail(f"CSA structures not found: {directory / 'labels.tsv'} is missing from the real data", pytrace=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
 

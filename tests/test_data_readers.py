@@ -27,8 +27,6 @@ def test_shared_jsonl_readers(shared_data):
     assert next(p for p in c if p["accession"] == "P47482")["ec"] == ["2.7.7.18", "3.6.1.41"]
     g = list(islice(readers.read_go_jsonl(shared_data / "go/fapm_val.jsonl"), 20))
     assert g[0]["accession"] == "P84782" and g[0]["go"]["MF"][0]["id"] == "GO:0004867"
-    rx = readers.read_enzyme_reactions(shared_data / "ec/enzyme_reactions.csv")
-    assert "A primary alcohol + NAD(+) = an aldehyde + NADH" in rx["1.1.1.1"]
 
 
 def test_malformed_jsonl_counted(tmp_path, shared_data):

@@ -12,20 +12,12 @@ import torch.nn.functional as F
 
 from configuration_protllm import ProtLLMConfig
 from fresh_process import run_fresh_python
-from modeling_protllm import ProtLLMStructureBias
+from encoder_protllm import ProtLLMStructureBias
 from protllm.model_folder import save_model_folder
 from protllm.testing import build_tiny_protllm, tiny_protein_config
 
 QUESTION = "What is the function of this enzyme?"
 SEQUENCES = ("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MSEQNNTEMTFQIQRIYTKDISFEAPNAPHVFQKDWQPEVKLDLDTASSQLADDVYTLSGTHAAVK")
-
-
-@pytest.fixture(scope="module")
-def csa(shared_data):
-    d = shared_data / "structures" / "csa_enzymes"
-    if not (d / "labels.tsv").is_file():
-        pytest.skip("CSA structures not available")
-    return d
 
 
 def no_dropout_protein_config():

@@ -15,25 +15,14 @@ import os
 import re
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import saprot_protllm as saprot
+import structure_files_protllm as structure_files
 import structure_protllm as sp
 from structure_protllm import StructureError
-
-CSA = "structures/csa_enzymes"
-
-
-@pytest.fixture(scope="module")
-def csa(shared_data) -> Path:
-    d = shared_data / CSA
-    if not (d / "labels.tsv").is_file():
-        pytest.skip("CSA structures not available")
-    return d
-
 
 @pytest.fixture(scope="module")
 def labels(csa):
@@ -378,13 +367,13 @@ def test_nan_coordinates(a05):
 
 
 def test_size_bound(monkeypatch, a05):
-    monkeypatch.setattr(sp, "MAX_STRUCTURE_FILE_BYTES", 1000)
+    monkeypatch.setattr(structure_files, "MAX_STRUCTURE_FILE_BYTES", 1000)  # the reader's cap
     _bad(a05, r"1A05\.pdb\.gz.*MAX_STRUCTURE_FILE_BYTES")
-    monkeypatch.setattr(sp, "MAX_STRUCTURE_FILE_BYTES", len(a05.read_bytes()) + 10)
+    monkeypatch.setattr(structure_files, "MAX_STRUCTURE_FILE_BYTES", len(a05.read_bytes()) + 10)
     _bad(a05, r"1A05\.pdb\.gz.*decompressed")  # gzip bomb guard
 
 
-@pytest.mark.parametrize("module", ["structure_protllm.py", "saprot_protllm.py"])
+@pytest.mark.parametrize("module", ["structure_protllm.py", "structure_files_protllm.py", "saprot_protllm.py"])
 def test_module_imports_only_numpy_and_stdlib(repo_root, module):
     import ast
 
@@ -512,8 +501,8 @@ def test_reading_is_capped_while_reading(tmp_path, monkeypatch):
             handle.write(b"X" * 5000)
         return status
 
-    monkeypatch.setattr(sp, "MAX_STRUCTURE_FILE_BYTES", 1000)
-    monkeypatch.setattr(sp.os, "fstat", fstat_before_growth)
+    monkeypatch.setattr(structure_files, "MAX_STRUCTURE_FILE_BYTES", 1000)
+    monkeypatch.setattr(structure_files.os, "fstat", fstat_before_growth)
     with pytest.raises(StructureError, match=r"grows\.pdb: file grew past MAX_STRUCTURE_FILE_BYTES=1000"):
         sp.load_structure(path)
 

@@ -19,21 +19,13 @@ import saprot_protllm as saprot
 import structure_protllm as sp
 from fresh_process import run_fresh_python
 from protllm.model_folder import save_model_folder
-from modeling_protllm import ProtLLMStructureBias
+from encoder_protllm import ProtLLMStructureBias
 from processing_protllm import ProteinInputError
 from protllm.testing import build_tiny_protllm, tiny_protein_config
 
 QUESTION = "What is the function of this enzyme?"
 SMALL = ("1BJP", "A")  # 62 residues
 MEDIUM = ("2ACY", "A")  # 98 residues
-
-
-@pytest.fixture(scope="module")
-def csa(shared_data):
-    d = shared_data / "structures" / "csa_enzymes"
-    if not (d / "labels.tsv").is_file():
-        pytest.skip("CSA structures not available")
-    return d
 
 
 @pytest.fixture(scope="module")
