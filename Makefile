@@ -1,11 +1,13 @@
 # `make demo`: set up, then train + evaluate + save the demo model (outputs/demo/).
 # `make test`: set up, then run the test suite.
+# `make fuzz`: the property-based fuzz tests at 10,000 cases per property (FUZZ_EXAMPLES=N to change); counts in
+#   outputs/fuzz_counts.json. CI runs the same tests at their defaults (a few hundred cases each).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench fuzz
 setup:
 	bash scripts/setup.sh
 
@@ -18,3 +20,9 @@ test: setup
 
 bench: setup
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+FUZZ_EXAMPLES ?= 10000
+fuzz: setup
+	mkdir -p outputs
+	PROTLLM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PROTLLM_FUZZ_REPORT=outputs/fuzz_counts.json HF_HUB_OFFLINE=1 \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py

@@ -29,6 +29,8 @@ PROTEIN_KEYS = ("sequence", "structure", "chain")
 
 
 def _protein_block(spec, index):
+    if isinstance(spec, dict) and "content" in spec and "role" not in spec:
+        raise ValueError(f"a chat message needs a 'role' ('user', 'assistant' or 'system'), got {spec!r:.200}")
     if isinstance(spec, str):
         return {"type": "protein", "sequence": spec}
     if isinstance(spec, dict) and (spec.get("sequence") is not None or spec.get("structure") is not None):
@@ -50,6 +52,9 @@ def to_conversation(item, question=None):
     if _is_chat(item):
         messages = list(getattr(item, "messages", item))
         return [dict(m) for m in messages], True
+    if isinstance(item, (list, tuple)) and item and all(isinstance(m, dict) and "content" in m for m in item):
+        index = next(i for i, m in enumerate(item) if "role" not in m)
+        raise ValueError(f"chat message {index} needs a 'role' ('user', 'assistant' or 'system'), got {item[index]!r:.200}")
     ask = question or DEFAULT_QUESTION
     if isinstance(item, dict):
         ask = item.get("question") or ask
@@ -69,6 +74,15 @@ def _unwrap(value):
     return value
 
 
+class ProteinFunctionBatchError(ValueError):
+    """Some inputs of a call cannot be answered. The message numbers each by its position in the call; `results` holds
+    the answers of every other input (None at the bad positions), so one bad input does not lose the rest."""
+
+    def __init__(self, message: str, results: list):
+        super().__init__(message)
+        self.results = results
+
+
 class ProteinFunctionPipeline(Pipeline):
     """Answer a question about one or more proteins (default: "What is the function of this protein?")."""
 
@@ -79,6 +93,35 @@ class ProteinFunctionPipeline(Pipeline):
     _load_feature_extractor = False
     _pipeline_calls_generate = True
     _default_generation_config = GenerationConfig(max_new_tokens=256)
+
+    def __call__(self, inputs, *args, **kwargs):
+        """Answer one input or a list of them. A list is checked first, input by input: bad inputs are named by their
+        position in the call, the others are answered, then `ProteinFunctionBatchError` (a ValueError) reports the
+        bad ones and carries the answers (`.results`). An empty list answers `[]`."""
+        if not isinstance(inputs, (list, tuple)) or _is_chat(inputs):
+            return super().__call__(inputs, *args, **kwargs)
+        if not inputs:
+            return []
+        problems = {}
+        for position, item in enumerate(inputs):
+            try:
+                self._check_input(item, kwargs.get("question"))
+            except (ValueError, TypeError, KeyError, OSError) as error:
+                problems[position] = f"input {position}: {error}"
+        if not problems:
+            return super().__call__(list(inputs), *args, **kwargs)
+        good = [item for position, item in enumerate(inputs) if position not in problems]
+        answers = iter(super().__call__(good, *args, **kwargs) if good else [])
+        results = [None if position in problems else next(answers) for position in range(len(inputs))]
+        raise ProteinFunctionBatchError(
+            f"{len(problems)} of {len(inputs)} inputs cannot be answered (the others were; see `.results`):\n"
+            + "\n".join(problems.values()), results)
+
+    def _check_input(self, item, question=None):
+        """Raise ValueError for an input the model cannot be asked about (built and tokenized, not generated)."""
+        conversation, _ = to_conversation(item, question)
+        self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", padding=True)
 
     def _sanitize_parameters(self, question=None, generate_kwargs=None, **kwargs):
         preprocess = {} if question is None else {"question": question}
@@ -140,4 +183,4 @@ def register_pipeline() -> None:
 
 register_pipeline()
 
-__all__ = ["ProteinFunctionPipeline", "register_pipeline", "to_conversation", "DEFAULT_QUESTION", "TASK"]
+__all__ = ["ProteinFunctionPipeline", "ProteinFunctionBatchError", "register_pipeline", "to_conversation", "DEFAULT_QUESTION", "TASK"]

@@ -327,6 +327,11 @@ class ProtLLMProcessor(ProcessorMixin):
             raise ProteinInputError(f"got {len(texts)} texts but protein lists for {len(per_text)}")
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("every text must be a string")
+        for text_index, sample in enumerate(texts):
+            try:  # a lone surrogate (e.g. from a badly decoded file) makes the tokenizer raise a TypeError
+                sample.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ProteinInputError(f"text {text_index}: not valid Unicode text ({error.reason} at character {error.start})") from None
 
         prepared, rows, masks = [], [], []
         protein_index = 0
@@ -442,6 +447,9 @@ class ProtLLMProcessor(ProcessorMixin):
         """
         text_messages, proteins = [], []
         for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ValueError(f"message {index}: expected a dict with a 'role' ('user', 'assistant' or 'system') and "
+                                 f"a 'content', got {message!r:.200}")
             content = message.get("content")
             if isinstance(content, str) or content is None:
                 text_messages.append(dict(message))
@@ -454,7 +462,12 @@ class ProtLLMProcessor(ProcessorMixin):
                     pieces.append({"type": "protein", "text": PROTEIN_TOKEN})
                 elif kind == "text":
                     # datasets stores blocks of mixed types with every key, None where absent
-                    pieces.append({"type": "text", "text": block.get("text") or ""})
+                    text = block.get("text") or ""
+                    if PROTEIN_TOKEN in text:  # it would be counted as a protein with none behind it
+                        raise ValueError(f"message {index}: text holds the literal {PROTEIN_TOKEN!r}, which stands for a "
+                                         "protein; give proteins as {'type': 'protein', 'sequence': ...} blocks and "
+                                         f"reword the text")
+                    pieces.append({"type": "text", "text": text})
                 elif kind == "neighbours":  # retrieved (or user-given) similar proteins, rendered as text
                     pieces.append({"type": "text", "text": render_block(block)})
                 else:

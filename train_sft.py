@@ -129,19 +129,36 @@ def main(argv=None) -> int:
 
     set_seed(recipe.get("seed", 0))
     started = time.time()
+    # Wall and CPU seconds per part, printed at the end: on a shared machine CPU / cores bounds the idle wall time.
+    parts: list[tuple[str, float, float]] = []
+    mark = [time.time(), time.process_time()]
+
+    def part_done(name: str) -> None:
+        now = [time.time(), time.process_time()]
+        parts.append((name, now[0] - mark[0], now[1] - mark[1]))
+        mark[:] = now
     spec = recipe.get("model") or {}
     if args.model_name_or_path:  # the auto_map check, then this process's classes: no prompt, no folder code
         model, processor = load_model_folder(args.model_name_or_path)
     else:
         model, processor = build_from_recipe(spec, seed=recipe.get("seed", 0), tiny=args.tiny)
     data = recipe.get("data") or {}
-    train_dataset = load_rows(data.get("train", "demo"), split=data.get("train_split"), limit=data.get("limit"),
-                              tasks=data.get("tasks"))
+    from data.validation import BadRowsError
+
+    data_checks: dict = {}  # every row is checked before training: all bad rows listed at once, or skipped
+    try:
+        train_dataset = load_rows(data.get("train", "demo"), split=data.get("train_split"), limit=data.get("limit"),
+                                  tasks=data.get("tasks"), on_bad_rows=data.get("on_bad_rows", "stop"), report=data_checks)
+    except BadRowsError as error:
+        raise SystemExit(f"error: {error}") from None
     logger.info("training rows: %d (%s)", len(train_dataset), data.get("train", "demo"))
+    part_done("build model + load data")
     if spec.get("retrieval"):  # the model's database: every training protein; training rows get leave-one-out neighbours
         from protllm.training.retrieval import attach_retrieval
 
-        train_dataset, _ = attach_retrieval(processor, train_dataset, spec["retrieval"], sources=[str(data.get("train", "demo"))])
+        train_dataset, _ = attach_retrieval(processor, train_dataset, spec["retrieval"], sources=[str(data.get("train", "demo"))],
+                                            seed=recipe.get("seed", 0))
+        part_done("retrieval database + training neighbours")
 
     freeze_after = (spec.get("config") or {}).get("freeze_protein_encoder", True)
     histories, summaries = {}, []
@@ -156,10 +173,11 @@ def main(argv=None) -> int:
         training_args = stage_args[stage["name"]]
         resume = None
         if args.resume_from_checkpoint:
-            from transformers.trainer_utils import get_last_checkpoint
+            from protllm.training.trainers import last_complete_checkpoint
 
             if args.resume_from_checkpoint == "true":
-                resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+                # the newest checkpoint whose save finished; a half-written one (killed or failed save) is removed
+                resume = last_complete_checkpoint(training_args.output_dir)
             else:
                 resume = args.resume_from_checkpoint
             logger.info("[%s] resuming from %s", stage["name"], resume or "the start (no checkpoint yet)")
@@ -167,6 +185,7 @@ def main(argv=None) -> int:
                                             max_length=data.get("max_length"), resume=resume, freeze_encoder_after=freeze_after)
         histories[stage["name"]] = history
         summaries.append(summary)
+        part_done(f"stage {stage['name']}")
         logger.info("[%s] done: %s", stage["name"], json.dumps({k: summary.get(k) for k in ("steps", "seconds", "steps_per_second", "first_loss", "last_loss")}))
 
     if not PartialState().is_main_process:
@@ -177,7 +196,8 @@ def main(argv=None) -> int:
                        "protein_encoder": spec.get("protein_encoder"),
                        "datasets": [data.get("train", "demo")], "seed": recipe.get("seed", 0),
                        "stages": [{**{k: v for k, v in s.items() if k != "training"}, **(s.get("training") or {})} for s in stages],
-                       "summaries": summaries, "command_line_overrides": overrides}
+                       "summaries": summaries, "command_line_overrides": overrides,
+                       "data_checks": data_checks}
     plot = plot_loss_curves(histories, output_dir / "loss_curves.png")
 
     def write_record(folder: Path) -> None:
@@ -188,6 +208,7 @@ def main(argv=None) -> int:
     # Written aside and swapped in: a kill leaves the previous complete folder (or none), never a half.
     save_model_folder(model, processor, final, write_extras=write_record)
     logger.info("saved %s (training %.0f s); loss curves: %s", final, time.time() - started, plot)
+    part_done("save model folder")
 
     if not args.no_eval and recipe.get("evaluate"):
         from eval.summary import evaluate_model
@@ -195,6 +216,7 @@ def main(argv=None) -> int:
         table = evaluate_model(recipe, final, output_dir)
         if table:
             shutil.copy(output_dir / "eval" / "metrics.json", final / "metrics.json")
+        part_done("evaluation")
     from protllm.sharing import prepare_model_folder, push_model_folder
 
     # The pipeline file and our model card (it reads training_args.json and metrics.json from the folder).
@@ -203,6 +225,10 @@ def main(argv=None) -> int:
         if not args.hub_model_id:
             raise SystemExit("--push_to_hub needs --hub_model_id ORG/NAME")
         push_model_folder(final, args.hub_model_id)
+    part_done("model card")
+    print("\n=== time per part (wall s | CPU s of this process, all threads) ===")
+    for name, wall, cpu in parts:
+        print(f"{name:<44} {wall:8.1f} | {cpu:8.1f}")
     print(f"\nmodel folder: {final}  |  total wall time {time.time() - started:.0f} s")
     return 0
 

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MMseqs2 -s for the retrieval baseline and identity bins (default 7.5, the most sensitive preset)")
     ap.add_argument("--examples", type=int, default=5, help="examples shown side by side in report.md")
     ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--on_bad_rows", choices=["stop", "skip"], default="stop",
+                    help="rows whose protein cannot be read (empty, invalid residue): stop before predicting, listing "
+                         "every one by id and line (default), or skip and count them")
     return ap
 
 
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
             shuffled_proteins=args.shuffled_proteins, no_retrieval=args.no_retrieval, bootstrap=args.bootstrap,
             bertscore_model=args.bertscore_model, meteor=not args.no_meteor, identity=not args.no_identity,
             threads=args.threads, sensitivity=args.sensitivity, examples_shown=args.examples,
-            progress=not args.no_progress,
+            progress=not args.no_progress, on_bad_rows=args.on_bad_rows,
             command="python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),
         )
     except ValueError as error:

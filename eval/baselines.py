@@ -77,6 +77,14 @@ class Retrieval:
         by_task: dict[str, list] = {}
         for ex in examples:
             by_task.setdefault(ex["task"], []).append(ex)
+        from structure_protllm import clean_sequence
+
+        for ex in examples:  # a query MMseqs2 cannot search must not quietly get the most-common answer
+            sequence = next((p.get("sequence") for p in ex.get("proteins") or [] if p.get("sequence") is not None), None)
+            try:
+                clean_sequence(sequence, f"retrieval: example {ex['id']}", ValueError)
+            except ValueError as error:
+                raise ValueError(f"{error} (python -m eval refuses such rows before predicting)") from None
         for task, exs in by_task.items():
             targets = self.train.get(task, {})
             queries = {ex["id"]: s for ex in exs if (s := _first_seq(ex))}

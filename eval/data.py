@@ -179,6 +179,27 @@ def _from_raw_row(row, task: str, n) -> dict | None:
     }
 
 
+def _row_examples(row: dict, n: int, tasks: list[str], want_split: str | None, st: dict) -> list[dict]:
+    """The examples of one row (none when it is of another split or task, or has no label; counted in `st`)."""
+    if want_split is not None and {"val": "valid"}.get(row.get("split"), row.get("split")) != want_split:
+        st["other_split"] += 1
+        return []
+    if "messages" in row or "answer" in row:
+        ex = _from_dataset_row(row, n)
+        if "auto" not in tasks and ex["task"] not in tasks:
+            st["other_task"] += 1
+            return []
+        return [ex]
+    cands = []
+    for t in _raw_tasks(row) if "auto" in tasks else tasks:
+        ex = _from_raw_row(row, t, n)
+        if ex is None:
+            st["skipped_no_label"] += 1
+        else:
+            cands.append(ex)
+    return cands
+
+
 def load_examples(path, task: str | list[str] = "auto", split: str | None = None, limit: int | None = None,
                   stats: dict | None = None) -> list[dict]:
     """Read ``path`` into examples for ``task`` (a task id, a list, a comma list or ``'auto'``).
@@ -197,25 +218,14 @@ def load_examples(path, task: str | list[str] = "auto", split: str | None = None
     want_split = {"val": "valid"}.get(split, split) if split else None
     out: list[dict] = []
     seen: set = set()
+    st["malformed_rows"] = 0
     for n, row in enumerate(rows):
-        if want_split is not None and {"val": "valid"}.get(row.get("split"), row.get("split")) != want_split:
-            st["other_split"] += 1
+        try:
+            cands = _row_examples(row, n, tasks, want_split, st)
+        except (TypeError, AttributeError, KeyError, ValueError) as error:  # valid JSON, fields of a wrong type or value
+            st["malformed_rows"] += 1
+            st.setdefault("malformed_row_ids", []).append(f"{_row_id(row, n)}: {type(error).__name__}: {error}"[:200])
             continue
-        if "messages" in row or "answer" in row:
-            ex = _from_dataset_row(row, n)
-            if "auto" not in tasks and ex["task"] not in tasks:
-                st["other_task"] += 1
-                continue
-            cands = [ex]
-        else:
-            row_tasks = _raw_tasks(row) if "auto" in tasks else tasks
-            cands = []
-            for t in row_tasks:
-                ex = _from_raw_row(row, t, n)
-                if ex is None:
-                    st["skipped_no_label"] += 1
-                else:
-                    cands.append(ex)
         for ex in cands:
             key = (ex["task"], ex["id"])
             if key in seen:

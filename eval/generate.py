@@ -110,6 +110,13 @@ def run_generation(
     settings_path = out_path.with_name(out_path.name + ".settings.json")
     if settings_path.exists() and out_path.exists() and out_path.stat().st_size > 0:
         old = json.loads(settings_path.read_text())
+        if "model_fingerprint" in settings and old.get("model_fingerprint") != settings["model_fingerprint"]:
+            # Another model (retrained into the same folder): its predictions are stale, not resumable.
+            stale = out_path.with_name(out_path.name + ".stale")
+            os.replace(out_path, stale)
+            print(f"{out_path}: written by another model (weights or config changed since); predicting again "
+                  f"(old predictions kept in {stale})", file=sys.stderr)
+            old = settings
         diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings)
                 if k not in ("batch_size",) and old.get(k) != settings.get(k)}
         if diff and not allow_settings_change:
@@ -225,6 +232,7 @@ class ModelPredictor:
             # Before transformers reads the folder: trust_remote_code runs whatever its auto_map names.
             check_auto_map(self.model_dir)
         self.retrieval = retrieval
+        self._fingerprint = None  # of the folder's weights and config, computed once (`settings`)
 
     def without_retrieval(self) -> "ModelPredictor":
         """The same model (shared weights) answering without its retrieval database, named `<name>+no_retrieval`."""
@@ -264,7 +272,9 @@ class ModelPredictor:
 
     def settings(self):
         database = self._database() if self.model_dir and Path(self.model_dir).is_dir() or self._proc is not None else None
-        return {"model_dir": self.model_dir, **self.generation_kwargs(),
+        if self._fingerprint is None and Path(self.model_dir).is_dir():
+            self._fingerprint = model_fingerprint(self.model_dir)
+        return {"model_dir": self.model_dir, "model_fingerprint": self._fingerprint, **self.generation_kwargs(),
                 "seed": self.seed if self.do_sample else None, "dtype": self.dtype, "padding_side": "left",
                 "retrieval": bool(self.retrieval and database is not None),
                 "retrieval_database_size": None if database is None else len(database)}
@@ -301,6 +311,27 @@ class ModelPredictor:
             out = self._model.generate(**inputs, **self.generation_kwargs())
         new = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self._proc.batch_decode(new, skip_special_tokens=True)]
+
+
+FINGERPRINT_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def model_fingerprint(model_dir) -> str:
+    """sha256 over a model folder's config and weight files (names and contents): the resume key of its predictions.
+
+    Retraining into the same folder (another seed, more steps) changes it, so predictions of the previous model are
+    never reused for the new one. Hashing reads every weight byte once (about a second per GB).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    folder = Path(model_dir)
+    files = sorted({path for pattern in FINGERPRINT_FILES for path in folder.glob(pattern) if path.is_file()})
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -36,6 +36,40 @@ def _limit(examples, n):
     return kept
 
 
+def _check_examples(examples: list[dict], path, on_bad_rows: str, stats: dict, notes: list[str], what: str = "--data"):
+    """Every example whose protein cannot be read (empty, invalid residue...), named by id and file line: stop before
+    any predictor runs (BadRowsError, a ValueError) or skip them, counted in `stats["bad_rows"]` and a note."""
+    import json
+
+    from data.readers import open_text
+    from data.validation import BadRow, apply_policy, find_bad_rows
+
+    from .data import _row_id
+
+    bad = find_bad_rows(examples, ids=[ex["id"] for ex in examples])
+    if not bad:
+        return examples
+    lines: dict[str, int] = {}
+    if Path(path).is_file():
+        with open_text(path) as handle:
+            index = 0
+            for number, line in enumerate(handle, 1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    lines.setdefault(_row_id(row, index), number)
+                    index += 1
+    bad_rows = [BadRow(row.id, lines.get(row.id), row.reason) for _, row in bad]
+    apply_policy(bad_rows, on_bad_rows, f"{path} ({what})")
+    stats["bad_rows"] = stats.get("bad_rows", 0) + len(bad_rows)
+    notes.append(f"{len(bad_rows)} bad rows of {what} skipped (--on_bad_rows skip): "
+                 + "; ".join(str(row) for row in bad_rows[:10]) + (" ..." if len(bad_rows) > 10 else ""))
+    skipped = {index for index, _ in bad}
+    return [ex for index, ex in enumerate(examples) if index not in skipped]
+
+
 def _first_sequence(ex):
     return ex["proteins"][0]["sequence"] if ex["proteins"] and ex["proteins"][0].get("sequence") else None
 
@@ -71,6 +105,7 @@ def run_evaluation(
     examples_shown: int = 5,
     progress: bool = True,
     command: str | None = None,
+    on_bad_rows: str = "stop",
 ) -> dict:
     """Evaluate `predictors` on `data`; write `report.md`, `metrics.json`, `predictions.jsonl` under `out`.
 
@@ -86,12 +121,26 @@ def run_evaluation(
 
     t0 = time.time()
     out = Path(out)
+    # Inputs are checked before anything is written: a typo in a path must not leave an empty output folder behind.
+    for flag, path in (("--data", data), ("--train", train)):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{flag} {path}: no such file")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory (it will hold report.md, metrics.json, predictions/)")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive number of examples per task, got {limit}")
+    for spec in predictors:
+        if spec not in ("most_common", "retrieval") and not spec.startswith("file:") and Path(spec).is_dir() \
+                and not (Path(spec) / "config.json").is_file():
+            raise ValueError(f"predictor {spec}: the folder has no config.json, so it is not a model folder "
+                             "(an unfinished save or the wrong path?)")
     out.mkdir(parents=True, exist_ok=True)
     data_stats: dict = {}
     notes: list[str] = []
     train_examples = None
     if holdout:
         every = load_examples(data, task, split=split, stats=data_stats)
+        every = _check_examples(every, data, on_bad_rows, data_stats, notes)
         if holdout_by == "cluster":
             from data.mmseqs import easy_cluster
 
@@ -107,10 +156,12 @@ def run_evaluation(
             examples = _limit(examples, limit)
     else:
         examples = load_examples(data, task, split=split, limit=limit, stats=data_stats)
+        examples = _check_examples(examples, data, on_bad_rows, data_stats, notes)
         if train:
             tsplit = train_split or ("train" if _same_file(train, data) else None)
             tasks = sorted({ex["task"] for ex in examples}) or [task]
             train_examples = load_examples(train, ",".join(tasks), split=tsplit)
+            train_examples = _check_examples(train_examples, train, on_bad_rows, {}, notes, what="--train")
             test_ids = {ex["id"] for ex in examples}
             overlap = sum(1 for ex in train_examples if ex["id"] in test_ids)
             if overlap:

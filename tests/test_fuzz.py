@@ -9,6 +9,13 @@
 - data.readers on malformed records: nothing escapes; every non-empty line is either yielded or counted as
   malformed (the readers' documented contract: malformed input is never silently dropped).
 
+- validate_recipe (the recipe loader) on configs/demo.yaml with misspelt keys, replaced values, dropped and added
+  keys at every level, and on arbitrary YAML values: only RecipeError escapes, and a misspelt key is always refused.
+- eval.data.load_examples (the eval data loader) on torn, junk and wrong-typed rows: examples or counted skips.
+- the web app's input path (app.ProtLLMDemo.protein_block: sequence box, FASTA, upload, chain): only InputProblem.
+
+Case counts: the defaults in each @settings (a few hundred; what CI runs), or PROTLLM_FUZZ_EXAMPLES for all of them
+(`make fuzz`: 10,000 per property; the 3-million-residue property is capped at 300).
 Every test counts the cases it tried (CASES); the counts are printed at the end of the module and, when
 PROTLLM_FUZZ_REPORT names a file, written there as JSON. Examples are derandomized (the same cases on every
 run, so CI is reproducible) and no example database is written; set PROTLLM_FUZZ_SEED to explore new cases.
@@ -36,6 +43,17 @@ from structure_protllm import MAX_STRUCTURE_FILE_BYTES, ProteinStructure, Struct
 
 CASES: Counter = Counter()
 _SEED = os.environ.get("PROTLLM_FUZZ_SEED")
+# Cases per property: the defaults below (a few hundred, what CI runs) unless PROTLLM_FUZZ_EXAMPLES sets them all,
+# e.g. `make fuzz` (10,000 per entry point). `_examples(default, cap)` keeps very slow properties at `cap`.
+_EXAMPLES = os.environ.get("PROTLLM_FUZZ_EXAMPLES")
+
+
+def _examples(default: int, cap: int | None = None) -> int:
+    if not _EXAMPLES:
+        return default
+    return int(_EXAMPLES) if cap is None else min(int(_EXAMPLES), cap)
+
+
 FUZZ = dict(
     deadline=None,  # per-example time is bounded by explicit checks below (one slow CI example must not flake)
     database=None,  # no .hypothesis/ directory in the repository
@@ -65,7 +83,7 @@ def _timed(start: float, what: str):
 
 @pytest.fixture(scope="module")
 def processor():
-    from local_weights import smollm2_path
+    from protllm.local_weights import smollm2_path
 
     return ProtLLMProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), build_protein_tokenizer("esm"),
                                             max_protein_length=64)
@@ -101,7 +119,7 @@ def _policy(sequence: str) -> str | None:
     return cleaned
 
 
-@settings(max_examples=400, **FUZZ)
+@settings(max_examples=_examples(400), **FUZZ)
 @given(sequence=st.one_of(RANDOM_SEQUENCES, NOT_STRINGS), index=st.integers(0, 10**6))
 def test_clean_sequence_accepts_policy_or_names_the_protein(sequence, index):
     CASES["clean_sequence"] += 1
@@ -119,7 +137,7 @@ def test_clean_sequence_accepts_policy_or_names_the_protein(sequence, index):
 _UNICODE_CASE_TRAPS = ["ß", "ı", "ſ", "ﬃ", "ﬀ", "ﬆ", "ǰ", "ŉ"]  # letters whose str.upper() is (or contains) ASCII
 
 
-@settings(max_examples=50, **FUZZ)
+@settings(max_examples=_examples(50), **FUZZ)
 @given(left=st.text(st.sampled_from(list("ACDEFGHIKLMNPQRSTVWY")), max_size=20), trap=st.sampled_from(_UNICODE_CASE_TRAPS),
        right=st.text(st.sampled_from(list("ACDEFGHIKLMNPQRSTVWY")), max_size=20))
 def test_clean_sequence_refuses_non_ascii_letters(left, trap, right):
@@ -155,7 +173,7 @@ def mixed_batches(draw):
     return texts, proteins
 
 
-@settings(max_examples=250, **FUZZ)
+@settings(max_examples=_examples(250), **FUZZ)
 @given(batch=mixed_batches(), as_single=st.booleans())
 def test_processor_mixed_batches_only_raise_protein_input_error(processor, batch, as_single):
     CASES["processor_mixed_batches"] += 1
@@ -187,7 +205,7 @@ def test_processor_mixed_batches_only_raise_protein_input_error(processor, batch
         assert n_tokens == 0 and "protein_input_ids" not in out
 
 
-@settings(max_examples=30, **FUZZ)
+@settings(max_examples=_examples(30, cap=300), **FUZZ)
 @given(length=st.integers(10**5, 3 * 10**6), overflow=st.sampled_from(["crop", "error"]), bad_at_end=st.booleans())
 def test_huge_protein_is_cropped_or_refused_quickly(processor, length, overflow, bad_at_end):
     """Up to 3 million residues: cropped to max_protein_length (with a warning) or refused, in bounded time."""
@@ -209,6 +227,13 @@ def test_huge_protein_is_cropped_or_refused_quickly(processor, length, overflow,
     assert not bad_at_end and overflow == "crop"
     assert len(out["protein_input_ids"][0]) == processor.max_protein_length + 2
     assert any("cropped to max_protein_length" in str(w.message) for w in caught)
+
+
+def test_text_with_a_lone_surrogate_is_refused(processor):
+    """Found by `make fuzz` (10,000 cases): '\\ud800' in a text made the tokenizer raise a TypeError."""
+    CASES["processor_lone_surrogate"] += 1
+    with pytest.raises(ProteinInputError, match="text 1: not valid Unicode text"):
+        processor(text=["fine", "bad \ud800 text"], proteins=None)
 
 
 def test_empty_and_whitespace_inputs(processor):
@@ -320,7 +345,7 @@ def mutated_structures(draw):
 _TMP = tempfile.TemporaryDirectory(prefix="protllm_fuzz_")
 
 
-@settings(max_examples=300, **FUZZ)
+@settings(max_examples=_examples(300), **FUZZ)
 @given(case=mutated_structures(), as_bytes=st.booleans(), chain=st.sampled_from([None, "A", "B", "Z"]),
        give_sequence=st.booleans())
 def test_structure_reader_on_corrupted_real_files(case, as_bytes, chain, give_sequence):
@@ -353,7 +378,7 @@ def test_structure_reader_on_corrupted_real_files(case, as_bytes, chain, give_se
     assert chains and all(isinstance(k, str) and v for k, v in chains.items())
 
 
-@settings(max_examples=40, **FUZZ)
+@settings(max_examples=_examples(40), **FUZZ)
 @given(data=st.binary(max_size=512), fmt=st.sampled_from([None, "pdb", "cif", "bcif", "mmcif", "gz", "xyz"]))
 def test_structure_reader_on_random_bytes_with_format(data, fmt):
     CASES["structure_random_bytes_with_format"] += 1
@@ -460,14 +485,14 @@ def _run_reader(name: str, path: Path, stats):
 JSONL_READERS = ["yeast", "clean_ec", "go", "sepit", "uniprot_json", "instruction"]
 
 
-@settings(max_examples=120, **FUZZ)
+@settings(max_examples=_examples(120), **FUZZ)
 @given(data=st.data(), name=st.sampled_from(JSONL_READERS), gz=st.booleans())
 def test_jsonl_readers_on_malformed_lines_count_never_crash(data, name, gz):
     """Torn JSON, binary junk, non-object JSON values and blank lines between real records."""
     _check_jsonl_reader(data, name, gz, ("good", "not_object", "torn", "junk", "blank"), "data_readers_jsonl_lines")
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=_examples(60), **FUZZ)
 @given(data=st.data(), name=st.sampled_from(JSONL_READERS), gz=st.booleans())
 def test_jsonl_readers_on_records_with_wrong_field_types(data, name, gz):
     _check_jsonl_reader(data, name, gz, ("good", "wrong_types"), "data_readers_jsonl_wrong_types")
@@ -501,7 +526,7 @@ def _check_jsonl_reader(data, name, gz, kinds, counter):
         assert isinstance(item, dict)
 
 
-@settings(max_examples=60, **FUZZ)
+@settings(max_examples=_examples(60), **FUZZ)
 @given(blob=st.binary(max_size=400), text=st.text(max_size=400), gz=st.booleans(),
        reader=st.sampled_from(["fasta", "swissprot", "uniprot_tsv"]))
 def test_text_readers_on_random_and_truncated_files(blob, text, gz, reader):
@@ -552,3 +577,214 @@ def test_corrupt_gzip_container_is_an_error_naming_the_file(tmp_path):
     with pytest.raises((OSError, EOFError, ValueError)) as caught:
         list(readers.read_yeast_function(path))
     assert "cut.jsonl.gz" in str(caught.value), f"error does not name the file: {caught.value!r}"
+
+
+# =============================================================================================== recipe loader
+
+
+def _demo_recipe() -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+
+
+def _typo(draw, key: str) -> str:
+    """A misspelling of `key`: a character dropped, doubled, swapped or replaced."""
+    if not key:
+        return "x"
+    i = draw(st.integers(0, len(key) - 1))
+    op = draw(st.sampled_from(["drop", "double", "swap", "replace"]))
+    if op == "drop":
+        return key[:i] + key[i + 1:] or "x"
+    if op == "double":
+        return key[:i] + key[i] + key[i:]
+    if op == "swap" and i + 1 < len(key):
+        return key[:i] + key[i + 1] + key[i] + key[i + 2:]
+    return key[:i] + draw(st.sampled_from("abcdefghijklmnopqrstuvwxyz_")) + key[i + 1:]
+
+
+def _checked_levels(recipe) -> list[tuple[tuple, set | None]]:
+    """(path to a mapping the validator checks, its valid keys; None: SFTConfig / ProtLLMConfig fields)."""
+    from protllm.training import recipe as r
+
+    levels = [((), r.TOP_LEVEL_KEYS), (("model",), r.MODEL_KEYS), (("model", "config"), None), (("data",), r.DATA_KEYS),
+              (("training",), None), (("evaluate",), r.EVALUATE_KEYS), (("model", "retrieval"), r.RETRIEVAL_KEYS)]
+    stages = recipe.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        levels += [(("stages", i), r.STAGE_KEYS), (("stages", i, "training"), None)]
+        if isinstance(stage, dict) and stage.get("lora"):
+            levels.append((("stages", i, "lora"), r.LORA_KEYS))
+        if isinstance(stage, dict) and stage.get("loss_weights"):
+            levels.append((("stages", i, "loss_weights"), r.LOSS_WEIGHT_KEYS))
+    return levels
+
+
+def _at(tree, path):
+    for step in path:
+        tree = tree[step]
+    return tree
+
+
+@st.composite
+def mutated_recipes(draw):
+    """configs/demo.yaml with 1-4 mutations: a key misspelt, a value replaced by random YAML, a key dropped, random
+    keys added; returns (recipe, the misspelt keys introduced at checked levels)."""
+    import copy
+
+    recipe = copy.deepcopy(_demo_recipe())
+    typos = []
+    for _ in range(draw(st.integers(1, 4))):
+        levels = [(path, keys) for path, keys in _checked_levels(recipe) if _exists(recipe, path)]
+        path, keys = draw(st.sampled_from(levels))
+        node = _at(recipe, path)
+        op = draw(st.sampled_from(["typo", "value", "drop", "add", "typo"]))
+        if not node and op != "add":
+            op = "add"
+        if op == "add":
+            # copies: a drawn value must not be mutated by a later step (hypothesis replays draws)
+            node[draw(st.one_of(st.text(max_size=12), st.integers(), st.booleans()))] = copy.deepcopy(draw(JSON_VALUES))
+            continue
+        key = draw(st.sampled_from(sorted(node, key=str)))
+        if op == "typo":
+            wrong = _typo(draw, str(key))
+            valid = keys if keys is not None else set()
+            if wrong not in node and keys is not None and wrong not in valid:
+                node[wrong] = node.pop(key)
+                typos.append((path, wrong))
+        elif op == "value":
+            node[key] = copy.deepcopy(draw(JSON_VALUES))
+        else:
+            del node[key]
+    return recipe, typos
+
+
+def _exists(recipe, path) -> bool:
+    try:
+        return isinstance(_at(recipe, path), dict)
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+@settings(max_examples=_examples(300), **FUZZ)
+@given(case=mutated_recipes())
+def test_recipe_validator_refuses_typos_by_name_and_never_crashes(case):
+    """Only RecipeError may escape validate_recipe, and a misspelt key at a checked level is always refused by name."""
+    from protllm.training.recipe import RecipeError, validate_recipe
+
+    recipe, typos = case
+    CASES["recipe_loader"] += 1
+    try:
+        validate_recipe(recipe, "fuzz.yaml")
+    except RecipeError as error:
+        CASES["recipe_loader:refused"] += 1
+        assert str(error).startswith("fuzz.yaml: "), error
+        return
+    except Exception as error:  # noqa: BLE001 - the property is that nothing else escapes
+        raise AssertionError(f"validate_recipe raised {type(error).__name__}: {error} on {recipe!r}") from None
+    # a later mutation may have replaced or dropped the mapping that held the typo
+    surviving = [(path, key) for path, key in typos if _exists(recipe, path) and key in _at(recipe, path)]
+    assert not surviving, f"misspelt keys {surviving} were accepted"
+
+
+@settings(max_examples=_examples(100), **FUZZ)
+@given(recipe=JSON_VALUES)
+def test_recipe_validator_on_arbitrary_yaml_values(recipe):
+    from protllm.training.recipe import RecipeError, validate_recipe
+
+    CASES["recipe_loader_random"] += 1
+    try:
+        validate_recipe(recipe, "fuzz.yaml")
+    except RecipeError:
+        return
+    except Exception as error:  # noqa: BLE001
+        raise AssertionError(f"validate_recipe raised {type(error).__name__}: {error} on {recipe!r}") from None
+
+
+# =============================================================================================== eval data loader
+
+
+def _eval_good_lines() -> list[str]:
+    lines = _good_lines()
+    dataset_row = json.dumps({"id": "row1", "task": "function_text", "messages": [
+        {"role": "user", "content": [{"type": "protein", "sequence": "MKTAYIAKQR"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A kinase"}]}], "answer": "A kinase"})
+    return [lines["yeast"], lines["go"], dataset_row]
+
+
+@settings(max_examples=_examples(120), **FUZZ)
+@given(data=st.data(), task=st.sampled_from(["auto", "function_text", "ec,reaction", "go", "protein_name"]),
+       split=st.sampled_from([None, "train", "valid", "test"]), limit=st.sampled_from([None, 1, 3]))
+def test_eval_data_loader_on_malformed_rows(data, task, split, limit):
+    """eval.data.load_examples on torn, junk and wrong-typed rows: examples or counted skips, nothing escapes."""
+    from eval.data import TASKS, load_examples
+
+    CASES["eval_data_loader"] += 1
+    lines = []
+    for good in _eval_good_lines():
+        lines += data.draw(malformed_jsonl(good, ("good", "wrong_types", "not_object", "torn", "junk", "blank")))
+    path = Path(_TMP.name) / "fuzz_eval.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    stats: dict = {}
+    try:
+        examples = load_examples(path, task, split=split, limit=limit, stats=stats)
+    except Exception as error:  # noqa: BLE001 - the property is that nothing escapes
+        raise AssertionError(f"load_examples raised {type(error).__name__}: {error} on lines {lines!r}") from None
+    assert stats["examples"] == len(examples)
+    keys = [(ex["task"], ex["id"]) for ex in examples]
+    assert len(keys) == len(set(keys)), "duplicate ids"
+    for ex in examples:
+        assert isinstance(ex["id"], str) and ex["task"] in TASKS and isinstance(ex["proteins"], list)
+        assert isinstance(ex["question"], str)
+
+
+# =============================================================================================== web app input
+
+
+@pytest.fixture(scope="module")
+def app_demo(processor):
+    """The app's input path (`ProtLLMDemo.protein_block`) on the fuzz processor: no model is needed to check input."""
+    pytest.importorskip("gradio")
+    import app
+    import structure_protllm
+
+    demo = app.ProtLLMDemo.__new__(app.ProtLLMDemo)
+    demo.processor, demo.structure = processor, structure_protllm
+    return app, demo
+
+
+@settings(max_examples=_examples(200), **FUZZ)
+@given(sequence=st.one_of(st.none(), RANDOM_SEQUENCES, st.builds(lambda h, s: f">{h}\n{s}", st.text(max_size=20), RANDOM_SEQUENCES),
+                          st.builds(lambda a, b: f">a\n{a}\n>b\n{b}", RANDOM_SEQUENCES, RANDOM_SEQUENCES)),
+       structure=st.one_of(st.none(), st.sampled_from(["missing.pdb", "/dev/null", "."]), st.binary(max_size=200)),
+       chain=st.one_of(st.none(), st.text(max_size=2)))
+def test_app_input_only_raises_input_problem(app_demo, sequence, structure, chain):
+    """The app's text box, file upload and chain field: an answerable protein block, or InputProblem."""
+    app, demo = app_demo
+    CASES["app_input"] += 1
+    if isinstance(structure, bytes):
+        path = Path(_TMP.name) / "upload.pdb"
+        path.write_bytes(structure)
+        structure = str(path)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            block, description = demo.protein_block(sequence, structure, chain)
+    except app.InputProblem as error:
+        assert str(error).startswith(("Sequence", "Structure file", "Give a protein")), error
+        return
+    except Exception as error:  # noqa: BLE001
+        raise AssertionError(f"protein_block raised {type(error).__name__}: {error}") from None
+    finally:
+        _timed(start, "app input")
+    assert block["type"] == "protein" and set(block["sequence"]) <= VALID_RESIDUES and description
+
+
+@pytest.mark.parametrize("name", [["align"], {"align": 1}])
+def test_recipe_stage_name_that_is_not_a_string_is_a_recipe_error(name):
+    """Found by the recipe fuzz target: an unhashable stage name raised TypeError instead of naming the key."""
+    from protllm.training.recipe import RecipeError, validate_recipe
+
+    CASES["recipe_loader_unhashable_stage_name"] += 1
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.name"):
+        validate_recipe({"stages": [{"name": name}]}, "fuzz.yaml")

@@ -52,14 +52,14 @@ def _kill(process):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from tiny_protllm import build_tiny_protllm
+    from protllm.testing import build_tiny_protllm
 
     return build_tiny_protllm("llama", seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tiny):
-    from model_folder import save_model_folder
+    from protllm.model_folder import save_model_folder
 
     model, processor = tiny
     return save_model_folder(model, processor, tmp_path_factory.mktemp("folder") / "tiny_model")
@@ -130,8 +130,9 @@ _CACHE_CHILD = textwrap.dedent(
     """
     import os, sys, time
     import safetensors.torch
-    from tiny_protllm import build_tiny_protllm
-    from training import FeatureCache, ProtLLMDataCollator
+    from protllm.testing import build_tiny_protllm
+    from protllm.training.collator import ProtLLMDataCollator
+    from protllm.training.feature_cache import FeatureCache
 
     root, mode = sys.argv[1], sys.argv[2]
     sequences = sys.argv[3].split(",")
@@ -179,7 +180,7 @@ _CACHE_CHILD = textwrap.dedent(
 
 def _reference_states(model, processor, sequences):
     """Encoder residue states per cache key, computed in this process one protein at a time."""
-    from training import FeatureCache
+    from protllm.training.feature_cache import FeatureCache
 
     states = {}
     for sequence in sequences:
@@ -194,7 +195,8 @@ def _reference_states(model, processor, sequences):
 def test_feature_cache_killed_mid_write_leaves_nothing_trusted(tmp_path, tiny):
     from safetensors.torch import load_file
 
-    from training import FeatureCache, ProtLLMDataCollator
+    from protllm.training.collator import ProtLLMDataCollator
+    from protllm.training.feature_cache import FeatureCache
 
     model, processor = tiny
     sequences = SEQUENCES[:6]
@@ -225,7 +227,7 @@ def test_feature_cache_killed_mid_write_leaves_nothing_trusted(tmp_path, tiny):
 def test_two_processes_filling_one_cache_directory(tmp_path, tiny):
     from safetensors.torch import load_file
 
-    from training import FeatureCache
+    from protllm.training.feature_cache import FeatureCache
 
     model, processor = tiny
     sequences = SEQUENCES
@@ -519,7 +521,7 @@ _LONG_PROTEIN_CHILD = textwrap.dedent(
     """
     import json, resource, sys, warnings
     import numpy as np, torch
-    from tiny_protllm import build_tiny_protllm
+    from protllm.testing import build_tiny_protllm
 
     structure = sys.argv[1] == "structure"
     model, processor = build_tiny_protllm("llama", seed=0, use_structure_bias=structure)
@@ -624,3 +626,260 @@ def test_a_batch_that_does_not_fit_is_split_not_crashed(tmp_path, tiny):
             predictor.predict(examples[:4])
     finally:
         model.generate = real_generate
+
+
+# ============================================================================ round two (issue 15)
+
+
+def _function_rows(path: Path, n: int, bad: dict | None = None) -> Path:
+    """`n` raw function rows (P000, P001...) as JSONL; `bad` maps a row index to the sequence it gets instead."""
+    rows = [{"accession": f"P{i:03d}", "sequence": (bad or {}).get(i, SEQUENCES[i % len(SEQUENCES)][:16]),
+             "description": f"Binds zinc {i}", "split": "test"} for i in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_eval_after_retraining_into_the_same_folder_predicts_again(tmp_path, tiny):
+    """Stale evaluation: the resume key includes a fingerprint of the weights and config, not only the path."""
+    from eval.__main__ import main
+    from eval.generate import read_predictions
+    from protllm.model_folder import save_model_folder
+    from protllm.testing import build_tiny_protllm
+
+    model, processor = tiny
+    folder = save_model_folder(model, processor, tmp_path / "model")
+    data = _function_rows(tmp_path / "d.jsonl", 4)
+    args = ["--data", str(data), "--predictor", str(folder), "--max_new_tokens", "6", "--bootstrap", "0",
+            "--no_meteor", "--no_progress", "--no_identity"]
+    predictions = tmp_path / "out" / "predictions" / "function_text" / "model.jsonl"
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    first, _ = read_predictions(predictions)
+
+    retrained, retrained_processor = build_tiny_protllm("llama", seed=1)  # "retrained with another seed"
+    save_model_folder(retrained, retrained_processor, folder)
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert main([*args, "--out", str(tmp_path / "fresh")]) == 0
+    resumed, _ = read_predictions(predictions)
+    fresh, _ = read_predictions(tmp_path / "fresh" / "predictions" / "function_text" / "model.jsonl")
+    assert fresh != first, "the two models answer alike: the test cannot tell stale from fresh"
+    assert resumed == fresh, "predictions of the previous model were reported for the retrained one"
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    fresh_metrics = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+    assert metrics["tasks"] == fresh_metrics["tasks"]
+
+
+@pytest.fixture(scope="module")
+def yeast_rows(tmp_path_factory, shared_data):
+    """Short real yeast function rows for the tiny training runs below."""
+    from data.builders import BuildStats, function_text
+    from data.readers import read_yeast_function
+
+    stats, rows = BuildStats(), []
+    for protein in read_yeast_function(shared_data / "function" / "yeast_function.jsonl", stats):
+        if len(protein["sequence"]) <= 80 and protein.get("split") == "train" and protein.get("description"):
+            protein["description"] = protein["description"][:60]
+            rows.extend(function_text(protein, "train", 0, "yeast_function", stats))
+        if len(rows) >= 16:
+            break
+    return rows
+
+
+def _recipe(path: Path, rows_file: Path, stages, tiny="llama", **data) -> Path:
+    import yaml
+
+    recipe = {"output_dir": str(path.parent / "out"), "seed": 0,
+              "model": {"tiny": tiny, "config": {"projector_type": "mlp2x_gelu", "max_protein_length": 96}},
+              "data": {"train": str(rows_file), "max_length": 192, **data},
+              "training": {"per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 1e-3},
+              "stages": stages}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_warmup_checkpoints_with_tied_embeddings_and_resume_skips_a_broken_checkpoint(tmp_path, yeast_rows):
+    """The README's kill/resume flow on the warm-up stage of a model whose lm_head is tied to embed_tokens (qwen2,
+    like SmolLM2): checkpoints save, and a checkpoint folder a failed save left behind does not break the resume."""
+    import train_sft
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in yeast_rows))
+    stages = [{"name": "warmup", "training": {"max_steps": 2, "save_strategy": "steps", "save_steps": 1}}]
+    recipe = _recipe(tmp_path / "recipe.yaml", rows, stages, tiny="qwen2")
+    assert train_sft.main(["--config", str(recipe), "--no_eval", "--tiny", "qwen2"]) == 0
+    trainer_dir = tmp_path / "out" / "stages" / "warmup" / "trainer"
+    assert (trainer_dir / "checkpoint-2" / "trainer_state.json").is_file()
+
+    # a later run was killed (or failed) while writing checkpoint-9: the folder exists, incomplete
+    (trainer_dir / "checkpoint-9").mkdir()
+    (trainer_dir / "checkpoint-9" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "out" / "stages" / "warmup" / "stage_complete.json").unlink()
+    assert train_sft.main(["--config", str(recipe), "--no_eval", "--tiny", "qwen2", "--resume_from_checkpoint"]) == 0
+    assert not (trainer_dir / "checkpoint-9").exists(), "the incomplete checkpoint was left for the next resume"
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_a_failed_checkpoint_save_leaves_no_folder(tmp_path, tiny):
+    """A save that raises half-way removes the checkpoint folder it started, so --resume_from_checkpoint works."""
+    from protllm.training.trainers import RemoveFailedCheckpoint  # noqa: F401 - the mechanism under test
+    from protllm.training.warmup import WarmupCollator, WarmupHeads, WarmupModel, make_warmup_trainer
+    from transformers import TrainingArguments
+
+    model, processor = tiny
+    heads = WarmupHeads(model.config.protein_config, model.config.text_config.hidden_size)
+    wrapper = WarmupModel(model, heads, {"contrastive": 1.0, "mlm": 1.0, "denoise": 1.0})
+    rows = [{"messages": [{"role": "user", "content": [{"type": "protein", "sequence": s}, {"type": "text", "text": "?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "a kinase"}]}]} for s in SEQUENCES[:4]]
+    args = TrainingArguments(str(tmp_path / "trainer"), max_steps=1, save_strategy="steps", save_steps=1, use_cpu=True,
+                             report_to="none", per_device_train_batch_size=2, remove_unused_columns=False)
+    trainer = make_warmup_trainer(wrapper, args, rows, WarmupCollator(processor))
+
+    def failing_save(*_, **__):
+        os.makedirs(tmp_path / "trainer" / "checkpoint-1", exist_ok=True)
+        (tmp_path / "trainer" / "checkpoint-1" / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    trainer.save_model = failing_save
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    assert not (tmp_path / "trainer" / "checkpoint-1").exists()
+
+
+def test_bad_training_rows_are_all_reported_by_id_and_line_before_training(tmp_path, yeast_rows):
+    import train_sft
+
+    rows = [dict(r) for r in yeast_rows[:8]]
+    bad = {2: "MKT4YIAK", 5: ""}
+    for index, sequence in bad.items():
+        rows[index] = json.loads(json.dumps(rows[index]))
+        rows[index]["id"] = f"bad{index}"
+        for message in rows[index]["messages"]:
+            for block in message["content"] if isinstance(message["content"], list) else []:
+                if block.get("type") == "protein":
+                    block["sequence"] = sequence
+        if rows[index].get("proteins"):
+            for protein in rows[index]["proteins"]:
+                protein["sequence"] = sequence
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    stages = [{"name": "align", "training": {"max_steps": 1}}]
+    recipe = _recipe(tmp_path / "recipe.yaml", rows_file, stages)
+    with pytest.raises(SystemExit) as stopped:
+        train_sft.main(["--config", str(recipe), "--no_eval"])
+    message = str(stopped.value)
+    assert "bad2" in message and "line 3" in message and "invalid residue '4'" in message, message
+    assert "bad5" in message and "line 6" in message and "empty" in message, message
+    assert "on_bad_rows" in message
+    assert not (tmp_path / "out" / "stages").exists(), "training started before the data was checked"
+
+    skipping = _recipe(tmp_path / "recipe.yaml", rows_file, stages, on_bad_rows="skip")
+    assert train_sft.main(["--config", str(skipping), "--no_eval"]) == 0
+    record = json.loads((tmp_path / "out" / "model" / "training_args.json").read_text())
+    assert record["data_checks"]["skipped_rows"] == 2
+
+
+def test_bad_eval_rows_are_reported_by_id_and_line(tmp_path, capsys):
+    from eval.__main__ import main
+
+    data = _function_rows(tmp_path / "d.jsonl", 6, bad={1: "MK7", 4: ""})
+    args = ["--data", str(data), "--train", str(_function_rows(tmp_path / "t.jsonl", 6)), "--predictor", "most_common",
+            "--bootstrap", "0", "--no_meteor", "--no_progress", "--no_identity"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--out", str(tmp_path / "out")])
+    message = str(stopped.value)
+    assert "P001" in message and "line 2" in message and "P004" in message and "line 5" in message, message
+    assert main([*args, "--out", str(tmp_path / "out"), "--on_bad_rows", "skip"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["tasks"]["function_text"]["n"] == 4
+    assert metrics["header"]["data_stats"]["bad_rows"] == 2
+
+
+@pytest.mark.parametrize("sequence", ["", "MKT4YIAK", "   "])
+def test_retrieval_baseline_refuses_a_sequence_it_cannot_search(sequence):
+    from eval.baselines import Retrieval
+
+    train = [{"id": "T1", "task": "function_text", "proteins": [{"sequence": SEQUENCES[0]}], "reference": "zinc"}]
+    retrieval = Retrieval(train)
+    with pytest.raises(ValueError, match="Q1"):
+        retrieval.predict([{"id": "Q1", "task": "function_text", "proteins": [{"sequence": sequence}], "reference": ""}])
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_generating(tiny):
+    model, processor = tiny
+    context = model.config.text_config.max_position_embeddings
+    model.config.text_config.max_position_embeddings = 48  # a small context: the same check as 10k tokens on 8k
+    try:
+        long = [{"role": "user", "content": [{"type": "protein", "sequence": SEQUENCES[0]},
+                                             {"type": "text", "text": "Is it an enzyme? " * 40}]}]
+        inputs = processor.apply_chat_template(long, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        assert inputs["input_ids"].shape[1] > 48
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=r"the prompt has \d+ tokens .* context is 48 tokens"):
+            model.generate(**inputs, max_new_tokens=5)
+        assert time.perf_counter() - start < 5
+        short = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+        inputs = processor.apply_chat_template(short, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        prompt = inputs["input_ids"].shape[1]
+        with pytest.warns(UserWarning, match="max_new_tokens=100 cut to"):
+            out = model.generate(**inputs, max_new_tokens=100, do_sample=False)
+        assert out.shape[1] <= 48 and prompt < 48
+    finally:
+        model.config.text_config.max_position_embeddings = context
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"content": [{"type": "text", "text": "hi"}]}], "message 0: expected a dict with a 'role'"),
+    ([{"role": "user", "content": [{"type": "protein", "sequence": "MKTAYIAK"},
+                                   {"type": "text", "text": "Compare it with <protein>"}]}], "literal '<protein>'"),
+])
+def test_chat_mistakes_get_a_message_not_a_traceback(tiny, messages, match):
+    _, processor = tiny
+    with pytest.raises(ValueError, match=match):
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny):
+    from pipeline_protllm import ProteinFunctionPipeline
+
+    model, processor = tiny
+    return ProteinFunctionPipeline(model=model, processor=processor, max_new_tokens=4)
+
+
+def test_pipeline_empty_list_and_bad_inputs_numbered_in_the_call(tiny_pipe):
+    from pipeline_protllm import ProteinFunctionBatchError
+
+    assert tiny_pipe([]) == []
+    inputs = [SEQUENCES[0], SEQUENCES[1], "MKT4YIAK", SEQUENCES[2], {"sequence": SEQUENCES[3], "question": "What is <protein>?"}]
+    with pytest.raises(ProteinFunctionBatchError) as caught:
+        tiny_pipe(inputs, batch_size=2)
+    message = str(caught.value)
+    assert "input 2:" in message and "invalid residue '4'" in message and "input 4:" in message, message
+    assert "input 0" not in message and "input 3" not in message
+    results = caught.value.results
+    assert results[2] is None and results[4] is None
+    alone = [tiny_pipe(inputs[i]) for i in (0, 1, 3)]
+    assert [results[i] for i in (0, 1, 3)] == alone, "the good inputs' answers were lost or differ"
+    with pytest.raises(ValueError, match="needs a 'role'"):
+        tiny_pipe([[{"content": "What does MKTAYIAK do?"}]])
+
+
+def test_eval_command_line_mistakes_are_messages(tmp_path, tiny_folder):
+    data = _function_rows(tmp_path / "d.jsonl", 3)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "eval", *args, "--bootstrap", "0", "--no_meteor", "--no_progress",
+                               "--no_identity"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "out_file").write_text("x")
+    result = run("--data", str(data), "--predictor", str(tiny_folder), "--out", str(tmp_path / "out_file"))
+    assert result.returncode != 0 and "is a file" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = run("--data", str(tmp_path / "missing.jsonl"), "--predictor", str(tiny_folder), "--out", str(tmp_path / "new"))
+    assert result.returncode != 0 and "missing.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists(), "--out was created before --data was checked"
+    (tmp_path / "empty_model").mkdir()
+    result = run("--data", str(data), "--predictor", str(tmp_path / "empty_model"), "--out", str(tmp_path / "o2"))
+    assert result.returncode != 0 and "no config.json" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = run("--data", str(data), "--predictor", str(tiny_folder), "--out", str(tmp_path / "o3"), "--limit", "0")
+    assert result.returncode != 0 and "--limit must be a positive" in result.stderr, result.stderr

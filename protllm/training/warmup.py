@@ -296,6 +296,24 @@ class WarmupCollator:
     def __init__(self, processor, max_caption_tokens: int = 64):
         self.processor = processor
         self.max_caption_tokens = max_caption_tokens
+        self.cropped = 0  # sequence-only proteins cut to max_protein_length here (one log line, not one warning each)
+
+    def _crop(self, protein):
+        """A sequence-only protein longer than `max_protein_length` -> its first `max_protein_length` residues, as the
+        processor would crop it, counted instead of warned about per protein (proteins with structures are left to
+        the processor, which crops the coordinates too)."""
+        limit = getattr(self.processor, "max_protein_length", None)
+        sequence = protein if isinstance(protein, str) else (protein.get("sequence") if isinstance(protein, dict)
+                                                             and protein.get("structure") is None else None)
+        if not limit or not isinstance(sequence, str) or len(sequence) <= limit:
+            return protein
+        if self.cropped == 0:
+            import logging
+
+            logging.getLogger("protllm.train").info("[warmup] proteins longer than %d residues are cropped to their "
+                                                    "first %d (counted in the stage summary)", limit, limit)
+        self.cropped += 1
+        return sequence[:limit] if isinstance(protein, str) else {**protein, "sequence": sequence[:limit]}
 
     def __call__(self, rows):
         proteins, captions, captioned = [], [], []
@@ -315,6 +333,7 @@ class WarmupCollator:
             text = answer["content"] if answer and isinstance(answer["content"], str) else " ".join(
                 (b.get("text") or "") for b in (answer or {}).get("content", []))
             captions.append(text or " ")
+        proteins = [self._crop(p) for p in proteins]
         prepared = [self.processor.prepare_protein(p, i) for i, p in enumerate(proteins)]
         batch = {k: torch.as_tensor(v) for k, v in self.processor._protein_tensors(prepared).items()}
         caption = self.processor.tokenizer(captions, padding=True, truncation=True, max_length=self.max_caption_tokens,
@@ -411,3 +430,18 @@ def mlm_perplexity(warmup_model: WarmupModel, processor, sequences: list[str], b
         count += int((targets != -100).sum())
     warmup_model.train(was_training)
     return {"perplexity": round(math.exp(total / max(count, 1)), 3), "masked_residues": count, "sequences": len(sequences)}
+
+
+def unigram_perplexity(train_sequences, held_out: list[str]) -> float:
+    """Perplexity of `held_out` residues under the residue frequencies of `train_sequences` (add-one smoothed): what
+    an encoder that ignores context scores, the bar a masked LM has to go below to have learned anything else."""
+    counts = Counter()
+    for sequence in train_sequences:
+        counts.update(sequence)
+    total = sum(counts.values()) + len(counts) + 1
+    log_sum, n = 0.0, 0
+    for sequence in held_out:
+        for residue in sequence:
+            log_sum -= math.log((counts.get(residue, 0) + 1) / total)
+            n += 1
+    return round(math.exp(log_sum / max(n, 1)), 3)
