@@ -107,6 +107,7 @@ def build_protllm(
 
     processor = ProtLLMProcessor.from_tokenizers(tokenizer, protein_tokenizer, **(processor_kwargs or {}))
     if len(processor.tokenizer) > llm.config.vocab_size:
+        # ZeRO-3-safe as is: transformers gathers the partitioned embeddings (GatheredParameters) inside the resize.
         llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
 
     config = ProtLLMConfig(
@@ -243,9 +244,13 @@ def load_fair_esm(name_or_path: str):
 
 
 def upcycle_to_moe(model, num_experts: int = 4, top_k: int = 1, capacity_factor: float = 1.25,
-                   eval_capacity_factor: float | None = 2.0, router_aux_loss_coef: float = 0.01):
+                   eval_capacity_factor: float | None = 2.0, router_aux_loss_coef: float = 0.01, seed: int | None = None):
     """SEPIT stage 2: every LLM feed-forward block of `model` becomes `num_experts` copies of itself behind a router.
 
+    `seed`: router `i` (the `i`-th MoE block) is drawn from its own `torch.Generator` seeded with `seed + i`, so the
+    routers do not depend on what used the global RNG before (a resumed run loads the earlier stages instead of
+    training them; each rank of a distributed run must build the same routers). None: the global RNG.
+    Under DeepSpeed ZeRO-3 the dense blocks are gathered while they are copied into experts.
     Returns `model` (converted in place).
     """
     config = model.config
@@ -258,13 +263,34 @@ def upcycle_to_moe(model, num_experts: int = 4, top_k: int = 1, capacity_factor:
     config.moe_router_aux_loss_coef = router_aux_loss_coef
     config.validate()
     config._mirror_moe_settings_to_text_config()
-    model.model._upcycle(config)
+    with _gathered_under_zero3(list(model.model.language_model.parameters())):
+        model.model._upcycle(config)  # deep copies of the (whole, not partitioned) dense blocks
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-    for block in moe_blocks(model):
-        nn.init.normal_(block.router.weight, std=config.text_config.initializer_range)
+    std = config.text_config.initializer_range
+    for index, block in enumerate(moe_blocks(model)):
+        if seed is None:
+            nn.init.normal_(block.router.weight, std=std)
+        else:
+            generator = torch.Generator().manual_seed(seed + index)
+            with torch.no_grad():
+                block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=generator) * std)
         block.router.to(device=device, dtype=dtype)
         block.train(model.training)  # new modules start in training mode: an eval model must not apply training capacity
     return model
+
+
+def _gathered_under_zero3(params: list):
+    """DeepSpeed ZeRO-3 partitions every parameter across ranks (each holds an empty placeholder): gather them whole
+    for a block that reads or copies them. A null context without ZeRO-3 (or without DeepSpeed installed)."""
+    from contextlib import nullcontext
+
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def model_parameter_counts(model) -> dict[str, int]:

@@ -2,13 +2,16 @@
 configs/accelerate/fsdp_cpu_2proc.yaml train_sft.py --config ...`.
 
 One run trains every kind of stage on a tiny Llama ProtLLM and real yeast rows: `align` (projector only, frozen
-encoder), `instruct` (projector + LLM in full) and `moe` (the LLM upcycled to 2 experts, trained with LoRA, saving
-sharded checkpoints). A second run is SIGKILLed after the MoE stage's first sharded checkpoint and resumed; its final
-weights must equal the uninterrupted run's.
+encoder), `instruct` (projector + LLM in full) and `moe` (the LLM upcycled to 2 experts, trained with LoRA and full
+routers, saving sharded checkpoints). A second run starts from the first run's finished `align` and `instruct`
+stages (loaded, not trained: what a resumed run does), is SIGKILLed after the MoE stage's first sharded checkpoint
+and resumed; its final weights must equal the uninterrupted run's bit for bit. Everything is as small as the
+behaviour allows (3 launches, 5 optimizer steps in the longest), because the suite runs on 2 CPU cores in CI.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +27,11 @@ from tests.fresh_process import run_fresh_python
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
+MOE_STEPS = 3
 STAGES = [
     {"name": "align", "training": {"max_steps": 1}},
     {"name": "instruct", "training": {"max_steps": 1}},
-    {"name": "moe", "training": {"max_steps": 4, "save_strategy": "steps", "save_steps": 2},
+    {"name": "moe", "training": {"max_steps": MOE_STEPS, "save_strategy": "steps", "save_steps": 1},
      "moe": {"num_experts": 2, "top_k": 1}, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
 ]
 
@@ -36,9 +40,9 @@ def _recipe(directory: Path, rows: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     recipe = {
         "output_dir": str(directory / "out"), "seed": 0,
-        "model": {"tiny": "llama", "config": {"projector_type": "mlp2x_gelu", "max_protein_length": 128}},
-        "data": {"train": str(rows), "max_length": 256},
-        "training": {"per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 3e-3},
+        "model": {"tiny": "llama", "config": {"projector_type": "mlp2x_gelu", "max_protein_length": 64}},
+        "data": {"train": str(rows), "max_length": 160},
+        "training": {"per_device_train_batch_size": 2, "logging_steps": 1, "learning_rate": 3e-3},
         "stages": STAGES,
     }
     path = directory / "recipe.yaml"
@@ -62,10 +66,10 @@ def yeast_rows(tmp_path_factory, shared_data):
 
     stats, rows = BuildStats(), []
     for protein in read_yeast_function(shared_data / "function" / "yeast_function.jsonl", stats):
-        if len(protein["sequence"]) <= 120 and protein.get("split") == "train" and protein.get("description"):
-            protein["description"] = protein["description"][:120]
+        if len(protein["sequence"]) <= 60 and protein.get("split") == "train" and protein.get("description"):
+            protein["description"] = protein["description"][:80]
             rows.extend(function_text(protein, "train", 0, "yeast_function", stats))
-        if len(rows) >= 32:
+        if len(rows) >= 16:
             break
     path = tmp_path_factory.mktemp("rows") / "yeast_rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -75,10 +79,36 @@ def yeast_rows(tmp_path_factory, shared_data):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, yeast_rows):
     directory = tmp_path_factory.mktemp("fsdp_straight")
-    result = subprocess.run(_launch(_recipe(directory, yeast_rows)), cwd=REPO, env=_env(), capture_output=True,
+    result = subprocess.run(_launch(_recipe(directory, yeast_rows)), check=False, cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return directory / "out", result.stdout + result.stderr
+
+
+def test_moe_routers_are_seeded_and_train_beside_lora():
+    """The routers do not depend on the global RNG (a resumed run draws differently before the MoE stage), and in a
+    LoRA MoE stage they train in full and are saved with the adapters (so a resumed run restores them)."""
+    from protllm.building import upcycle_to_moe
+    from protllm.testing import build_tiny_protllm
+    from protllm.training.stages import _lora_model
+
+    routers = []
+    for draws in (0, 7):
+        model, _ = build_tiny_protllm("llama", seed=0)
+        torch.manual_seed(123)
+        torch.randn(draws)  # a different global RNG state
+        upcycle_to_moe(model, num_experts=2, seed=5)
+        routers.append([layer.mlp.router.weight.detach().clone() for layer in model.model.language_model.layers])
+    assert len(routers[0]) >= 2 and not torch.equal(routers[0][0], routers[0][1])  # one generator per layer
+    assert all(torch.equal(a, b) for a, b in zip(*routers))
+
+    peft_model = _lora_model(model, {"name": "moe", "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}})
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any(".router.modules_to_save." in n for n in trainable), sorted(trainable)
+    assert not any(".experts." in n and "lora_" not in n for n in trainable)
+    from peft import get_peft_model_state_dict
+
+    assert any(".router." in key for key in get_peft_model_state_dict(peft_model))
 
 
 def test_fsdp_trains_every_stage_kind_on_two_cpu_processes(uninterrupted):
@@ -87,12 +117,12 @@ def test_fsdp_trains_every_stage_kind_on_two_cpu_processes(uninterrupted):
     assert log.count("FSDP2 on 2 CPU processes (gloo); units: LlamaDecoderLayer,ProtLLMProteinEncoder") == 2 * len(STAGES)
     assert "reducer.cpp" not in log, "DDP's reducer ran: the run was not sharded"
     # The MoE stage's checkpoints are sharded (torch.distributed.checkpoint), not one consolidated file.
-    checkpoint = out / "stages" / "moe" / "trainer" / "checkpoint-2"
+    checkpoint = out / "stages" / "moe" / "trainer" / "checkpoint-1"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
     summaries = {s["stage"]: s for s in json.loads((out / "model" / "training_args.json").read_text())["summaries"]}
     assert summaries["align"]["trained_parts"] == ["projector"]  # the encoder stayed frozen
     assert summaries["instruct"]["trained_parts"] == ["language_model", "projector"]
-    assert "language_model (LoRA)" in summaries["moe"]["trained_parts"]
+    assert {"language_model (LoRA)", "routers"} <= set(summaries["moe"]["trained_parts"])
     assert (out / "stages" / "moe" / "adapter" / "adapter_model.safetensors").is_file()
     before = load_file(out / "stages" / "align" / "model" / "model.safetensors")
     after = load_file(out / "stages" / "instruct" / "model" / "model.safetensors")
@@ -103,7 +133,7 @@ def test_fsdp_trains_every_stage_kind_on_two_cpu_processes(uninterrupted):
 
     # The final folder is a plain consolidated ProtLLM (merged LoRA, 2 experts) loading through the Auto classes.
     weights = load_file(out / "model" / "model.safetensors")
-    assert not any("lora" in key for key in weights)
+    assert not any("lora" in key or "modules_to_save" in key for key in weights)
     assert all(torch.isfinite(value).all() for value in weights.values())
     printed = run_fresh_python(f"""
         import torch
@@ -122,24 +152,9 @@ def test_fsdp_trains_every_stage_kind_on_two_cpu_processes(uninterrupted):
     assert "experts 2 finite True" in printed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug, not FSDP's: the MoE routers are initialised from the global RNG in protllm.building.upcycle_to_moe, "
-    "which differs between an uninterrupted run and a resumed one (earlier stages loaded, not trained), and a LoRA "
-    "stage's checkpoint holds only the adapters, so the frozen routers differ after resume"))
-def test_sharded_checkpoint_resume_after_sigkill_equals_uninterrupted(tmp_path, yeast_rows, uninterrupted):
-    straight, _ = uninterrupted
-    recipe = _recipe(tmp_path / "killed", yeast_rows)
-    out = tmp_path / "killed" / "out"
-    checkpoint = out / "stages" / "moe" / "trainer" / "checkpoint-2"
-    process = subprocess.Popen(_launch(recipe), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (checkpoint / "trainer_state.json").is_file():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no sharded checkpoint within 10 minutes"
-        time.sleep(0.05)
-    # The launcher and both ranks at once (a node failure). torchrun's workers do not stay in the launcher's process
-    # group, so the whole process tree is collected from /proc first.
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and both ranks at once (a node failure). torchrun's workers do not stay in the launcher's
+    process group, so the whole process tree is collected from /proc first."""
     tree, stack = [], [process.pid]
     while stack:
         pid = stack.pop()
@@ -154,19 +169,38 @@ def test_sharded_checkpoint_resume_after_sigkill_equals_uninterrupted(tmp_path, 
         except ProcessLookupError:
             pass
     process.wait(timeout=60)
+
+
+def test_sharded_checkpoint_resume_after_sigkill_equals_uninterrupted(tmp_path, yeast_rows, uninterrupted):
+    straight, _ = uninterrupted
+    recipe = _recipe(tmp_path / "killed", yeast_rows)
+    out = tmp_path / "killed" / "out"
+    # The earlier stages as a resumed run has them: finished folders, loaded rather than trained (so the global RNG
+    # differs from the uninterrupted run's when the MoE stage builds its routers).
+    for name in ("align", "instruct"):
+        shutil.copytree(straight / "stages" / name, out / "stages" / name)
+    checkpoint = out / "stages" / "moe" / "trainer" / "checkpoint-1"
+    process = subprocess.Popen(_launch(recipe, "--resume_from_checkpoint"), cwd=REPO, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (checkpoint / "trainer_state.json").is_file():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no sharded checkpoint within 10 minutes"
+        time.sleep(0.02)
+    _kill_tree(process)
     time.sleep(1)
     assert not (out / "model").exists(), "killed before the end"
     assert not (out / "stages" / "moe" / "stage_complete.json").exists()
 
-    result = subprocess.run(_launch(recipe, "--resume_from_checkpoint"), cwd=REPO, env=_env(), capture_output=True,
+    result = subprocess.run(_launch(recipe, "--resume_from_checkpoint"), check=False, cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     log = result.stdout + result.stderr
-    resumed = [line for line in log.splitlines() if "resuming from" in line or "already complete" in line]
-    assert any("[moe] resuming from" in line and "checkpoint-2" in line for line in resumed), resumed
+    resumed = [line for line in log.splitlines() if "[moe] resuming from" in line]
+    assert resumed and "checkpoint-" in resumed[-1] and f"checkpoint-{MOE_STEPS}" not in resumed[-1], resumed
 
     # Bit-identical: the same shards, optimizer state, scheduler, data order and RNG states are restored on each
-    # rank, and gloo's reductions over 2 ranks are deterministic on CPU.
+    # rank, the routers are seeded (and checkpointed), and gloo's reductions over 2 ranks are deterministic on CPU.
     a = load_file(straight / "model" / "model.safetensors")
     b = load_file(out / "model" / "model.safetensors")
     assert a.keys() == b.keys()

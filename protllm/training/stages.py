@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from modeling_protllm import ProtLLMForConditionalGeneration
 
@@ -83,6 +84,10 @@ def _lora_model(model, spec: dict):
 
     lora = spec["lora"]
     modules_to_save = ["projector"] + (["protein_encoder"] if spec.get("train_protein_encoder") else [])
+    if spec.get("name") == "moe":
+        # SEPIT trains the mixture: the new routers train in full beside the LoRA adapters (and so are saved in the
+        # adapter checkpoints, which a resumed run restores), the experts through the adapters on q/v/... modules.
+        modules_to_save.append("router")
     return get_peft_model(model, LoraConfig(
         r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
         target_modules=lora.get("target_modules", ["q_proj", "v_proj"]), modules_to_save=modules_to_save,
@@ -96,16 +101,20 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
     stage = STAGES[stage_spec["name"]]
     stage_dir = Path(output_dir) / "stages" / stage.name
     started = time.time()
+    # A stage's new weights (routers, LoRA adapters, warm-up heads) depend on the seed only, not on what ran before:
+    # a resumed run loads its finished stages instead of training them, and must build the same stage.
+    set_seed(training_args.seed)
     if stage.upcycles_to_moe:
-        upcycle_to_moe(model, **(stage_spec.get("moe") or {}))
+        # Routers seeded from the recipe seed: identical on every rank, and in a run resumed after earlier stages.
+        upcycle_to_moe(model, **{"seed": training_args.seed, **(stage_spec.get("moe") or {})})
     parts = stage.trained_parts(stage_spec)
     set_trainable(model, parts)
     counts = model_parameter_counts(model)
     counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("[%s] trains %s | parameters: %s", stage.name, sorted(parts) + (["LoRA adapters"] if stage.uses_lora(stage_spec) else []),
+    lora_parts = ["language_model (LoRA)"] + (["routers"] if stage.upcycles_to_moe else []) if stage.uses_lora(stage_spec) else []
+    logger.info("[%s] trains %s | parameters: %s", stage.name, sorted(parts) + lora_parts,
                 ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
-    summary = {"stage": stage.name, "trained_parts": sorted(parts) + (["language_model (LoRA)"] if stage.uses_lora(stage_spec) else []),
-               "parameters": counts}
+    summary = {"stage": stage.name, "trained_parts": sorted(parts) + lora_parts, "parameters": counts}
 
     if stage.trainer == "warmup":
         config = model.config
@@ -129,17 +138,25 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
             summary["mlm_corpus"] = {"sequences": len(corpus), "captioned_rows": len(train_dataset),
                                      "files": list(stage_spec["mlm_sequences"]), "held_out_files": list(stage_spec.get("mlm_exclude") or [])}
             if held_out:
-                summary["mlm_perplexity"] = {"before": mlm_perplexity(wrapper, processor, held_out, max_length=max_length)}
-        trainer = make_warmup_trainer(wrapper, training_args, warmup_rows, WarmupCollator(processor),
+                from .warmup import unigram_perplexity
+
+                summary["mlm_perplexity"] = {
+                    "before": mlm_perplexity(wrapper, processor, held_out, max_length=max_length),
+                    # context-free residue frequencies: the level a masked LM must beat to use context at all
+                    "unigram_reference": unigram_perplexity((r["sequence"] for r in corpus), [s[:max_length] for s in held_out]),
+                }
+        warmup_collator = WarmupCollator(processor)
+        trainer = make_warmup_trainer(wrapper, training_args, warmup_rows, warmup_collator,
                                       new_module_lr_multiplier=stage_spec.get("new_module_lr_multiplier", 10.0))
         trainer.train(resume_from_checkpoint=resume)
         steps = max(trainer.state.global_step, 1)
         summary["warmup_losses"] = {k: v / steps for k, v in wrapper.loss_parts.items()}
+        summary["cropped_proteins"] = warmup_collator.cropped
         if held_out:
             summary["mlm_perplexity"]["after"] = mlm_perplexity(wrapper, processor, held_out, max_length=max_length)
-            logger.info("[warmup] encoder MLM perplexity on %d held-out sequences: %.2f before -> %.2f after",
-                        len(held_out), summary["mlm_perplexity"]["before"]["perplexity"],
-                        summary["mlm_perplexity"]["after"]["perplexity"])
+            logger.info("[warmup] encoder MLM perplexity on %d held-out sequences: %.2f before -> %.2f after "
+                        "(residue frequencies alone: %.2f)", len(held_out), summary["mlm_perplexity"]["before"]["perplexity"],
+                        summary["mlm_perplexity"]["after"]["perplexity"], summary["mlm_perplexity"]["unigram_reference"])
     else:
         feature_cache = None
         if stage.uses_feature_cache(stage_spec, model):
