@@ -198,7 +198,8 @@ messages = [{"role": "user", "content": [dict(protein, type="protein"), {"type":
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits
-torch.save(logits, sys.argv[3])
+from safetensors.torch import save_file
+save_file({"logits": logits.contiguous()}, sys.argv[3])
 print("esm is fair-esm:", "esm" not in sys.modules or hasattr(sys.modules["esm"], "pretrained") and hasattr(sys.modules["esm"].pretrained, "esm2_t6_8M_UR50D"))
 """
 
@@ -217,10 +218,12 @@ def test_save_and_reload_through_auto_classes_in_a_fresh_process_bit_identical(b
         expected = model(**inputs).logits
     script = tmp_path / "reload.py"
     script.write_text(RELOAD_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(folder), json.dumps(protein), str(tmp_path / "logits.pt")],
+    result = subprocess.run([sys.executable, str(script), str(folder), json.dumps(protein), str(tmp_path / "logits.safetensors")],
                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"], expected)
 
 
 def test_other_backends_never_import_the_esm_package(tmp_path):

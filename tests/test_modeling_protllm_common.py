@@ -467,6 +467,15 @@ class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
         locals()[_name] = pytest.mark.xfail(strict=True, reason=_reason)(getattr(ProcessorTesterMixin, _name))
     del _name, _reason
 
+    def setUp(self):
+        super().setUp()
+        # Saving a model folder registers ProtLLMProcessor for AutoProcessor on the class (transformers'
+        # register_for_auto_class), so a later save in the same process writes an auto_map the mixin's round-trip
+        # comparison does not expect: start every test from the unregistered class, as in a fresh process.
+        auto_class = ProtLLMProcessor._auto_class
+        ProtLLMProcessor._auto_class = None
+        self.addCleanup(setattr, ProtLLMProcessor, "_auto_class", auto_class)
+
     @classmethod
     def _setup_from_components(cls):
         return ProtLLMProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), build_protein_tokenizer("esm"))

@@ -475,6 +475,7 @@ def dry_run(tmp_path, recipe_name, llm, esm, rows, max_length=512, lora=None):
         stage["training"]["per_device_train_batch_size"] = 2 if stage["name"] == "warmup" else 1
         if lora and stage["name"] in ("instruct", "moe"):
             stage["lora"] = lora
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{recipe_name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert train_sft.main(["--config", str(path), "--no_eval", "--bf16", "true", "--use_cpu", "true"]) == 0

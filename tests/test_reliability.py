@@ -317,6 +317,12 @@ _SKIP_DIRS = {".venv", ".git", "outputs", "__pycache__", ".cache", "build", "dis
 _PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 
+# The only places that may write pickles, each for a reason outside our control: transformers' own vendored tests
+# check torch.save compatibility, and EvolutionaryScale publishes its weights as torch pickles (.pth), so the loader
+# test writes tiny weights in that format (the loader reads them with weights_only=True).
+_ALLOWED_PICKLE_WRITES = {"tests/transformers_common/test_modeling_common.py", "tests/test_esm3_esmc.py"}
+
+
 def unsafe_serialisation(source: str, filename: str = "<string>") -> list[str]:
     """Calls that load or write pickles: torch.load without weights_only=True, torch.save, pickle-family modules,
     numpy allow_pickle=True, save_pretrained(safe_serialization=False)."""
@@ -364,7 +370,8 @@ def test_no_pickle_loading_or_writing_anywhere_in_the_repository():
         if path.name == Path(__file__).name:
             continue  # this file spells the patterns out
         scanned += 1
-        problems += unsafe_serialisation(path.read_text(), str(path.relative_to(REPO)))
+        found = unsafe_serialisation(path.read_text(), str(path.relative_to(REPO)))
+        problems += [p for p in found if not (p.split(":")[0] in _ALLOWED_PICKLE_WRITES and p.endswith("torch.save writes a pickle"))]
     assert scanned > 40
     assert not problems, "\n".join(problems)
 
