@@ -107,6 +107,9 @@ class RetrievalDatabase:
             seen.add(entry["id"])
         self.entries = list(entries)
         self._targets = None
+        # Search results per (query, settings): an exhaustive Smith-Waterman search costs ~0.1-0.3 s of CPU per query
+        # on a few thousand proteins, and evaluation asks again for the same proteins (the shuffled control).
+        self._found: dict[tuple, list[dict]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -235,26 +238,39 @@ class RetrievalDatabase:
             self._targets = pyswrd.Sequences([entry["sequence"] for entry in self.entries])
             self._cluster_of = {entry["id"]: entry.get("cluster") for entry in self.entries}
         excluded = [self._excluded_ids(item, exclude_same_cluster) for item in (exclude or [None] * len(sequences))]
-        # Over-fetch so that k remain after exclusions.
-        margin = max((len(ids) for ids in excluded), default=0)
-        threads = threads or int(self.config.get("threads") or os.environ.get("OMP_NUM_THREADS", 1) or 1)
-        hits = pyswrd.search(
-            [str(s).upper() for s in sequences], self._targets, max_alignments=k + margin + (50 if max_identity is not None else 0),
-            max_evalue=float(self.config["max_evalue"]), threads=threads,
-        )
-        for hit in hits:
-            entry = self.entries[hit.target_index]
-            found = results[hit.query_index]
-            if len(found) >= k or entry["id"] in excluded[hit.query_index]:
-                continue
-            identity = float(hit.result.identity())
-            if max_identity is not None and identity > max_identity:
-                continue
-            found.append({"id": entry["id"], "identity": round(identity, 3), "evalue": float(hit.evalue),
-                          "score": int(hit.score), "coverage": round(float(hit.result.coverage("query")), 3),
-                          "annotations": dict(entry.get("annotations") or {})})
-        for found in results:
-            found.sort(key=lambda n: (n["evalue"], -n["score"]))
+        queries = [str(s).strip().upper() for s in sequences]
+        keys = [(query, k, frozenset(ids), max_identity, float(self.config["max_evalue"])) for query, ids in zip(queries, excluded)]
+        todo = sorted({i for i, key in enumerate(keys) if key not in self._found}, key=lambda i: keys[i])
+        unique = {}
+        for i in todo:  # one search per distinct (query, settings), even when a batch repeats a protein
+            unique.setdefault(keys[i], i)
+        todo = list(unique.values())
+        if todo:
+            # Over-fetch so that k remain after exclusions.
+            margin = max((len(excluded[i]) for i in todo), default=0)
+            threads = threads or int(self.config.get("threads") or os.environ.get("OMP_NUM_THREADS", 1) or 1)
+            hits = pyswrd.search(
+                [queries[i] for i in todo], self._targets,
+                max_alignments=k + margin + (50 if max_identity is not None else 0),
+                max_evalue=float(self.config["max_evalue"]), threads=threads,
+            )
+            found_todo: list[list[dict]] = [[] for _ in todo]
+            for hit in hits:
+                entry = self.entries[hit.target_index]
+                found = found_todo[hit.query_index]
+                if len(found) >= k or entry["id"] in excluded[todo[hit.query_index]]:
+                    continue
+                identity = float(hit.result.identity())
+                if max_identity is not None and identity > max_identity:
+                    continue
+                found.append({"id": entry["id"], "identity": round(identity, 3), "evalue": float(hit.evalue),
+                              "score": int(hit.score), "coverage": round(float(hit.result.coverage("query")), 3),
+                              "annotations": dict(entry.get("annotations") or {})})
+            for i, found in zip(todo, found_todo):
+                found.sort(key=lambda n: (n["evalue"], -n["score"]))
+                self._found[keys[i]] = found
+        for i, key in enumerate(keys):
+            results[i] = [{**n, "annotations": dict(n["annotations"])} for n in self._found[key]]
         return results
 
     def _excluded_ids(self, item, same_cluster: bool) -> set:

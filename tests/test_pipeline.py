@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline_protllm import DEFAULT_QUESTION, ProteinFunctionPipeline
-from tiny_protllm import build_tiny_protllm
+from protllm.testing import build_tiny_protllm
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MSDNGPQNQRNAPRITFGGPSDSTGSNQNGERSGARSKQRRPQGLPNNTASWFTALTQHGK", "MALWMRLLPLLALLALWGPDPAAA"]
 NEW = 8
@@ -118,7 +118,7 @@ def test_bad_inputs_are_clear_errors(tiny, bad, message):
 def test_sharing_registers_the_task():
     from transformers.pipelines import PIPELINE_REGISTRY
 
-    import sharing
+    from protllm import sharing
 
     cls = sharing.register_protein_function_pipeline()
     assert PIPELINE_REGISTRY.supported_tasks["protein-function"]["impl"] is cls

@@ -100,6 +100,55 @@ def test_training_rows_get_leave_one_out_neighbours():
     assert stats["proteins"] == 4 and stats["with_neighbours"] == 3
 
 
+def test_search_is_done_once_per_protein_and_settings(monkeypatch):
+    """Evaluation asks again for the same proteins (the shuffled control): the second ask is answered from memory,
+    with the same neighbours; other settings (identity cap, exclusions) search again."""
+    import retrieval_protllm
+
+    calls = []
+    real_search = retrieval_protllm.pyswrd.search
+
+    def counting_search(queries, *args, **kwargs):
+        calls.append(list(queries))
+        return real_search(queries, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval_protllm.pyswrd, "search", counting_search)
+    db = database()
+    query = mutate(LYSOZYME, 0.3, 0)
+    first = db.search([query, UBIQUITIN, query])
+    assert calls == [[query, UBIQUITIN]] or calls == [[UBIQUITIN, query]]  # a repeated protein is searched once
+    assert first[0] == first[2] and first[0][0]["id"] == "P1"
+    assert db.search([UBIQUITIN, query]) == [first[1], first[0]] and len(calls) == 1
+    first[0][0]["annotations"]["protein_name"] = "changed by the caller"
+    assert db.search([query])[0][0]["annotations"]["protein_name"] == "Lysozyme C"  # callers get copies
+    assert db.search([query], exclude=["P1"]) == [[]] and len(calls) == 2  # leave-one-out: a new search
+
+
+def test_train_rows_samples_the_training_rows_but_the_database_keeps_every_protein():
+    datasets = pytest.importorskip("datasets")
+    from protllm.training.retrieval import attach_retrieval
+
+    class Holder:
+        retrieval_database = None
+
+    def row(accession, sequence, answer):
+        block = {"type": "protein", "sequence": sequence, "text": None}
+        return {"id": f"{accession}|protein_name", "task": "protein_name", "answer": answer, "meta": "{}",
+                "proteins": [{"accession": accession, "sequence": sequence}],
+                "messages": [{"role": "user", "content": [block, {"type": "text", "sequence": None, "text": "Name it."}]},
+                             {"role": "assistant", "content": [{"type": "text", "sequence": None, "text": answer}]}]}
+
+    rows = [row("L1", LYSOZYME, "Lysozyme C"), row("L2", mutate(LYSOZYME, 0.4, 5), "Lysozyme homolog"),
+            row("U1", UBIQUITIN, "Ubiquitin"), row("M1", MYOGLOBIN, "Myoglobin")]
+    holder = Holder()
+    sampled, stats = attach_retrieval(holder, datasets.Dataset.from_list(rows), {"k": 2, "train_rows": 2}, ["test"], seed=0)
+    assert len(sampled) == 2 and len(holder.retrieval_database) == 4 and stats["proteins"] == 2
+    again, _ = attach_retrieval(Holder(), datasets.Dataset.from_list(rows), {"k": 2, "train_rows": 2}, ["test"], seed=0)
+    assert sampled["id"] == again["id"]  # seeded
+    with pytest.raises(ValueError, match="train_rows"):
+        attach_retrieval(Holder(), datasets.Dataset.from_list(rows), {"train_rows": 0}, ["test"])
+
+
 def test_render_and_bad_neighbours():
     text = render_neighbours([{"identity": 0.42, "evalue": 1e-20, "annotations": {"protein_name": "Lysozyme C"}}])
     assert "42% identity" in text and "name: Lysozyme C" in text
@@ -208,6 +257,7 @@ def test_no_retrieval_tells_the_model_nothing_is_known(folder_with_database):
     ({"k": 0}, "model.retrieval.k` must be a positive integer"),
     ({"max_identity": 1.5}, r"model.retrieval.max_identity` must be in \(0, 1\]"),
     ({"exclusion": "none"}, "leave_one_out or cluster"),
+    ({"train_rows": -5}, "model.retrieval.train_rows` must be a positive integer"),
 ])
 def test_recipe_retrieval_keys_are_checked(retrieval, message):
     pytest.importorskip("trl")
