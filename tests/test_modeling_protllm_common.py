@@ -445,7 +445,7 @@ class ProtLLMTiedEmbeddingsTest(ProtLLMModelTest):
     }, "Input and output embeddings tied (Qwen2 / SmolLM2 LLMs)."))
 
 
-@pytest.mark.slow  # ~1 min on one idle core (SmolLM2's 49k-token tokenizer is loaded by every test), 3.5 min on a loaded one
+# ~1 min on one idle core (SmolLM2's 49k-token tokenizer is loaded by every test): part of `make test`, as issue 19 asks.
 class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     """transformers' ProcessorTesterMixin on ProtLLMProcessor (SmolLM2's tokenizer + the ESM-2 protein tokenizer).
 
