@@ -222,7 +222,10 @@ def load_examples(path, task: str | list[str] = "auto", split: str | None = None
     for n, row in enumerate(rows):
         try:
             cands = _row_examples(row, n, tasks, want_split, st)
-        except (TypeError, AttributeError, KeyError, ValueError) as error:  # valid JSON, fields of a wrong type or value
+            for ex in cands:
+                if not isinstance(ex["id"], (str, int)):
+                    raise TypeError(f"id must be a string, got {type(ex['id']).__name__}")
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:  # valid JSON, fields of a wrong type or value
             st["malformed_rows"] += 1
             st.setdefault("malformed_row_ids", []).append(f"{_row_id(row, n)}: {type(error).__name__}: {error}"[:200])
             continue
