@@ -82,3 +82,40 @@ def test_warmup_collator_crops_long_sequences_quietly():
         warnings.simplefilter("error")  # no per-protein crop warning
         batch = collator([{"sequence": "MKV" * 40}, {"sequence": "MKVL"}])
     assert collator.cropped == 1 and batch["protein_input_ids"].shape[1] == 64 + 2  # + cls/eos
+
+
+def test_caption_share_repeats_captioned_rows_so_batches_hold_caption_pairs():
+    """A corpus 25x the captioned rows: a plain mix leaves ~1 captioned protein per batch of 32 (no contrastive pair);
+    `caption_share: 0.5` repeats captioned rows (each pass reshuffled, seeded) to half the rows, and the contrastive
+    loss then runs on shuffled batches."""
+    import random
+
+    from protllm.training.warmup import mix_captioned_rows
+
+    captioned = [{"messages": [f"row {i}"]} for i in range(40)]
+    corpus = [{"sequence": f"M{i}"} for i in range(1000)]
+    assert mix_captioned_rows(captioned, corpus, None) == captioned + corpus
+    mixed = mix_captioned_rows(captioned, corpus, 0.5, seed=3)
+    assert mixed == mix_captioned_rows(captioned, corpus, 0.5, seed=3)  # seeded
+    repeated = [r for r in mixed if "messages" in r]
+    assert len(repeated) == 1000 and mixed[1000:] == corpus
+    # every captioned row is used, each about equally often (whole passes, the last one partial)
+    counts = {r["messages"][0]: repeated.count(r) for r in captioned}
+    assert set(counts.values()) <= {25}
+    random.Random(0).shuffle(mixed)
+    per_batch = [sum("messages" in r for r in mixed[i:i + 32]) for i in range(0, 2000 - 31, 32)]
+    assert min(per_batch) >= 2 and 12 <= sum(per_batch) / len(per_batch) <= 20
+    for bad in (0.0, 1.0, 1.5):
+        if bad:
+            try:
+                mix_captioned_rows(captioned, corpus, bad)
+            except ValueError as error:
+                assert "caption_share" in str(error)
+            else:
+                raise AssertionError(f"caption_share {bad} must be refused")
+
+
+def test_caption_share_is_a_recipe_key():
+    from protllm.training.recipe import STAGE_KEYS
+
+    assert "caption_share" in STAGE_KEYS

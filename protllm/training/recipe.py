@@ -18,14 +18,15 @@ MODEL_KEYS = {"language_model", "protein_encoder", "protein_encoder_backend", "p
 DATA_KEYS = {"train", "train_split", "max_length", "limit", "tasks", "on_bad_rows"}
 STAGE_KEYS = {"name", "training", "loss_weights", "noise_std", "new_module_lr_multiplier", "mask_ratio",
               "projector_learning_rate", "encoder_learning_rate", "train_protein_encoder", "lora", "feature_cache", "moe",
-              "mlm_sequences", "mlm_exclude", "mlm_eval_sequences"}  # warm-up: masked-LM corpus, held-out files
+              "mlm_sequences", "mlm_exclude", "mlm_eval_sequences",  # warm-up: masked-LM corpus, held-out files,
+              "caption_share"}  # and the share of captioned rows among them
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 MOE_KEYS = {"num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"}
 LOSS_WEIGHT_KEYS = {"mlm", "contrastive", "denoise"}
 RETRIEVAL_KEYS = {"k", "max_identity", "exclusion", "max_evalue", "max_annotation_chars", "fields", "threads",
                   "train_rows"}
 EVALUATE_KEYS = {"data", "train", "baselines", "shuffled_proteins", "no_retrieval", "batch_size", "max_new_tokens",
-                 "bootstrap", "flags", "limit", "examples", "tasks"}
+                 "bootstrap", "flags", "limit", "examples", "tasks", "split"}
 
 
 class RecipeError(ValueError):

@@ -128,14 +128,16 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
         model_dtype = upcast_trainable_parameters(wrapper, training_args)
         warmup_rows, held_out = train_dataset, []
         if stage_spec.get("mlm_sequences"):  # every sequence we have, beside the captioned training rows
-            from .warmup import mlm_corpus, mlm_perplexity
+            from .warmup import mix_captioned_rows, mlm_corpus, mlm_perplexity
 
             max_length = getattr(processor, "max_protein_length", None)
             corpus, held_out = mlm_corpus(stage_spec["mlm_sequences"], stage_spec.get("mlm_exclude") or (),
                                           max_length=max_length, seed=training_args.seed)
-            warmup_rows = [dict(row) for row in train_dataset] + corpus
+            warmup_rows = mix_captioned_rows([dict(row) for row in train_dataset], corpus,
+                                             stage_spec.get("caption_share"), seed=training_args.seed)
             held_out = held_out[: stage_spec.get("mlm_eval_sequences", 256)]
             summary["mlm_corpus"] = {"sequences": len(corpus), "captioned_rows": len(train_dataset),
+                                     "captioned_share": round(1 - len(corpus) / max(len(warmup_rows), 1), 3),
                                      "files": list(stage_spec["mlm_sequences"]), "held_out_files": list(stage_spec.get("mlm_exclude") or [])}
             if held_out:
                 from .warmup import unigram_perplexity

@@ -396,6 +396,29 @@ def mlm_corpus(paths, exclude_paths=(), max_length: int | None = None, seed: int
     return rows, held_out
 
 
+def mix_captioned_rows(captioned: list[dict], mlm_only: list[dict], caption_share: float | None,
+                       seed: int = 0) -> list[dict]:
+    """The warm-up's rows: `captioned` training rows beside the `mlm_only` corpus. With `caption_share` (0 < s < 1)
+    the captioned rows are repeated (each pass in a new seeded order) until they make up that share of the rows,
+    so a shuffled batch of B rows holds about s*B captioned proteins. Why: the corpus is ~25x larger than the
+    captioned rows, so a plain concatenation leaves ~1 captioned protein per batch and the contrastive loss,
+    which needs two or more, almost never runs. `None` keeps the plain concatenation."""
+    import random
+
+    if not caption_share or not captioned or not mlm_only:
+        return list(captioned) + list(mlm_only)
+    if not 0 < caption_share < 1:
+        raise ValueError(f"warm-up `caption_share` must lie strictly between 0 and 1, got {caption_share}")
+    wanted = max(len(captioned), math.ceil(caption_share / (1 - caption_share) * len(mlm_only)))
+    rng = random.Random(seed)
+    repeated = []
+    while len(repeated) < wanted:
+        order = list(captioned)
+        rng.shuffle(order)
+        repeated.extend(order[: wanted - len(repeated)])
+    return repeated + list(mlm_only)
+
+
 @torch.no_grad()
 def mlm_perplexity(warmup_model: WarmupModel, processor, sequences: list[str], batch_size: int = 32,
                    mask_ratio: float = 0.15, seed: int = 0, max_length: int | None = None) -> dict:
