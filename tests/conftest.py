@@ -84,3 +84,26 @@ def repo_root() -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes-long checks at real model widths; deselect with -m 'not slow'")
+
+
+def yeast_function_rows(shared_data: Path, max_residues: int, max_description_chars: int, count: int) -> list[dict]:
+    """About `count` function-description instruction rows from real yeast training proteins of at most
+    `max_residues` residues, descriptions cut to `max_description_chars` (short, so tiny training runs are quick)."""
+    from data.builders import BuildStats, function_text
+    from data.readers import read_yeast_function
+
+    stats, rows = BuildStats(), []
+    for protein in read_yeast_function(shared_data / "function" / "yeast_function.jsonl", stats):
+        if len(protein["sequence"]) <= max_residues and protein.get("split") == "train" and protein.get("description"):
+            protein["description"] = protein["description"][:max_description_chars]
+            rows.extend(function_text(protein, "train", 0, "yeast_function", stats))
+        if len(rows) >= count:
+            break
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import yeast_function_rows, write_jsonl
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -61,19 +62,8 @@ def _env():
 
 @pytest.fixture(scope="module")
 def yeast_rows(tmp_path_factory, shared_data):
-    from data.builders import BuildStats, function_text
-    from data.readers import read_yeast_function
-
-    stats, rows = BuildStats(), []
-    for protein in read_yeast_function(shared_data / "function" / "yeast_function.jsonl", stats):
-        if len(protein["sequence"]) <= 60 and protein.get("split") == "train" and protein.get("description"):
-            protein["description"] = protein["description"][:80]
-            rows.extend(function_text(protein, "train", 0, "yeast_function", stats))
-        if len(rows) >= 16:
-            break
-    path = tmp_path_factory.mktemp("rows") / "yeast_rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    rows = yeast_function_rows(shared_data, max_residues=60, max_description_chars=80, count=16)
+    return write_jsonl(tmp_path_factory.mktemp("rows") / "yeast_rows.jsonl", rows)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import yeast_function_rows
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -678,17 +679,7 @@ def test_eval_after_retraining_into_the_same_folder_predicts_again(tmp_path, tin
 @pytest.fixture(scope="module")
 def yeast_rows(tmp_path_factory, shared_data):
     """Short real yeast function rows for the tiny training runs below."""
-    from data.builders import BuildStats, function_text
-    from data.readers import read_yeast_function
-
-    stats, rows = BuildStats(), []
-    for protein in read_yeast_function(shared_data / "function" / "yeast_function.jsonl", stats):
-        if len(protein["sequence"]) <= 80 and protein.get("split") == "train" and protein.get("description"):
-            protein["description"] = protein["description"][:60]
-            rows.extend(function_text(protein, "train", 0, "yeast_function", stats))
-        if len(rows) >= 16:
-            break
-    return rows
+    return yeast_function_rows(shared_data, max_residues=80, max_description_chars=60, count=16)
 
 
 def _recipe(path: Path, rows_file: Path, stages, tiny="llama", **data) -> Path:

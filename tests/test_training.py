@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import yeast_function_rows, write_jsonl
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -27,19 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def yeast_rows(tmp_path_factory, shared_data):
     """Function-description instruction rows built from real yeast proteins (short ones, for speed)."""
-    from data.builders import BuildStats, function_text
-    from data.readers import read_yeast_function
-
-    stats, rows = BuildStats(), []
-    for protein in read_yeast_function(shared_data / "function" / "yeast_function.jsonl", stats):
-        if len(protein["sequence"]) <= 120 and protein.get("split") == "train" and protein.get("description"):
-            protein["description"] = protein["description"][:120]
-            rows.extend(function_text(protein, "train", 0, "yeast_function", stats))
-        if len(rows) >= 48:
-            break
-    path = tmp_path_factory.mktemp("rows") / "yeast_rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    rows = yeast_function_rows(shared_data, max_residues=120, max_description_chars=120, count=48)
+    return write_jsonl(tmp_path_factory.mktemp("rows") / "yeast_rows.jsonl", rows)
 
 
 def write_recipe(path: Path, stages, train, **extra):
