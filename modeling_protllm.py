@@ -557,14 +557,52 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         generation_config.suppress_tokens = suppressed or None
         return generation_config, model_kwargs
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        # Protein inputs are consumed by the prefill; the cached decode steps have no placeholders. An assistant
-        # model (assisted / speculative decoding) prefills with is_first_iteration=False, so "prefill" is decided by
-        # the cache: while it is empty, the prompt and its placeholders are still to be run.
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Repeat each row `expand_size` times (sampling with `num_return_sequences`, beam search), proteins included.
+
+        Protein inputs are indexed by protein (P, ...), not by row: a row with proteins [A, C] needs copies
+        [A, C, A, C], where the default row-wise `repeat_interleave` would give [A, A, C, C] and pair each copy's
+        placeholders with the wrong proteins. The proteins of a row are counted from its placeholder runs.
+        """
+        protein_inputs = {key: model_kwargs.pop(key) for key in PROTEIN_INPUT_KEYS if model_kwargs.get(key) is not None}
+        if expand_size > 1 and protein_inputs:
+            if input_ids is not None and input_ids.numel():
+                placeholders = input_ids == self.config.protein_token_id
+            else:
+                placeholder = self.get_input_embeddings()(
+                    torch.tensor(self.config.protein_token_id, device=model_kwargs["inputs_embeds"].device))
+                placeholders = (model_kwargs["inputs_embeds"] == placeholder).all(-1)
+            # (B,): the number of placeholder runs in each row, one run per protein
+            run_starts = placeholders & ~torch.nn.functional.pad(placeholders[:, :-1], (1, 0), value=False)
+            proteins_per_row = run_starts.sum(-1).tolist()
+            first = [sum(proteins_per_row[:row]) for row in range(len(proteins_per_row))]
+            index = torch.tensor([first[row] + protein for row, count in enumerate(proteins_per_row)
+                                  for _ in range(expand_size) for protein in range(count)], dtype=torch.long)
+            protein_inputs = {key: value[index.to(value.device)] for key, value in protein_inputs.items()}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs.update(protein_inputs)
+        return input_ids, model_kwargs
+
+    def prepare_inputs_for_generation(self, *args, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        # `inputs_embeds` named in the signature: transformers then lets generate() start from embeddings.
+        model_inputs = super().prepare_inputs_for_generation(
+            *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
+        # Protein inputs are consumed where their placeholders run. While the cache is empty the whole prompt runs
+        # (an assistant model, in assisted / speculative decoding, prefills with is_first_iteration=False). With a
+        # filled cache, decode steps carry no placeholders; the first step of a generate() continuing a cache (a
+        # returned past_key_values, a cached shared prefix) needs the proteins only if its uncached tokens hold them.
         past_key_values = model_inputs.get("past_key_values")
-        prefill = is_first_iteration or past_key_values is None or past_key_values.get_seq_length() == 0
-        if not prefill and kwargs.get("use_cache", True):
+        if past_key_values is None or not kwargs.get("use_cache", True) or past_key_values.get_seq_length() == 0:
+            return model_inputs
+        input_ids = model_inputs.get("input_ids")
+        tail_has_placeholders = is_first_iteration and (
+            model_inputs.get("inputs_embeds") is not None
+            or (input_ids is not None and bool((input_ids == self.config.protein_token_id).any()))
+        )
+        if not tail_has_placeholders:
             for key in PROTEIN_INPUT_KEYS:
                 model_inputs.pop(key, None)
         return model_inputs

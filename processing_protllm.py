@@ -13,6 +13,7 @@ error naming the protein and position. An empty sequence is an error. A sequence
 """
 
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 from transformers import AutoTokenizer, EsmTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
+from transformers.utils.chat_template_utils import render_jinja_template
 
 try:
     from .collator_protllm import ProtLLMDataCollator
@@ -40,6 +42,8 @@ except ImportError:
 PROTEIN_TOKEN = "<protein>"
 PROTEIN_START_TOKEN = "<|protein_start|>"
 PROTEIN_END_TOKEN = "<|protein_end|>"
+# A chat template's `{% generation %}` tag (the same pattern transformers looks for): marks the assistant text.
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 # fair-esm / HF ESM-2 alphabet, in id order.
 ESM_VOCAB = [
@@ -74,25 +78,24 @@ def clean_sequence(sequence, protein_index: int) -> str:
     return clean_residues(sequence, f"protein {protein_index}", ProteinInputError)
 
 
-class ProtLLMTextKwargs(TextKwargs, total=False):
-    """Text kwargs of `ProtLLMProcessor.__call__` beyond transformers' `TextKwargs`.
-
-    padding_side (`"left"` or `"right"`): overrides the processor's padding side for this call.
-    add_special_tokens (`bool`): let the LLM tokenizer add its special tokens (False for rendered chats).
-    """
-
-    padding_side: str | None
-    add_special_tokens: bool | None
+def _set_padding_side(tokenizer, padding_side: str) -> None:
+    """Set the LLM tokenizer's padding side so that `save_pretrained` keeps it (a tokenizer saves its init kwargs)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer.padding_side = padding_side
+    tokenizer.init_kwargs["padding_side"] = padding_side
 
 
 class ProtLLMProcessorKwargs(ProcessingKwargs, total=False):
-    """Typed kwargs of `ProtLLMProcessor.__call__`.
+    """Typed kwargs of `ProtLLMProcessor.__call__`: transformers' `TextKwargs` (`padding_side` overrides the LLM
+    tokenizer's padding side for one call; `add_special_tokens=False` for rendered chats) plus
 
     assistant_char_spans (`list[list[tuple[int, int]]]`, *optional*): per text, the character spans whose tokens are
-        learned; the output then has `assistant_masks` `(B, S)` (1 on those tokens, 0 elsewhere and on proteins).
+        learned; the output then has `assistant_masks` `(B, S)` (1 on tokens overlapping a span, 0 elsewhere and on
+        proteins).
     """
 
-    text_kwargs: ProtLLMTextKwargs
+    text_kwargs: TextKwargs
     assistant_char_spans: list | None
 
 
@@ -118,16 +121,19 @@ class ProtLLMProcessor(ProcessorMixin):
         protein_overflow (`"crop"` or `"error"`): what to do with longer proteins.
         protein_encoder_input (`"sequence"` or `"saprot"`): tokenize amino acids, or SaProt amino acid + 3Di.
         plddt_threshold (`float`): SaProt input masks the 3Di token of residues below this pLDDT.
-        padding_side (`"left"` or `"right"`): text padding; left (the default) is what batched generation needs.
 
     Chat templates: `apply_chat_template` renders with the `chat_template` passed, else the processor's own, else the
     LLM tokenizer's. Message contents reach a template as it reads them (see `template_reads_blocks`): one string
     with a `<protein>` per protein for text-LLM templates, content blocks for templates written for transformers'
     structured content (a protein block then carries `"text": "<protein>"`).
+
+    Padding side: the LLM tokenizer's `padding_side` (saved with the tokenizer, as for every transformers processor);
+    `from_tokenizers` sets it to left, what batched generation needs. `padding_side=` on a call overrides it.
     """
 
     valid_processor_kwargs = ProtLLMProcessorKwargs
-    text_kwargs = {"padding": True, "add_special_tokens": True}
+    # Only defaults that differ from the tokenizer's own (its `add_special_tokens=True` is not repeated here).
+    text_kwargs = {"padding": True}
 
     def __init__(
         self,
@@ -139,7 +145,6 @@ class ProtLLMProcessor(ProcessorMixin):
         protein_overflow: str = "crop",
         protein_encoder_input: str = "sequence",
         plddt_threshold: float = 70.0,
-        padding_side: str = "left",
         **kwargs,
     ):
         if protein_overflow not in ("crop", "error"):
@@ -150,12 +155,12 @@ class ProtLLMProcessor(ProcessorMixin):
         self.max_protein_length = max_protein_length
         self.protein_overflow = protein_overflow
         self.protein_encoder_input = protein_encoder_input
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.plddt_threshold = plddt_threshold
-        self.padding_side = padding_side
+        # Folders saved before padding_side moved to the tokenizer carry it in processor_config.json.
+        padding_side = kwargs.pop("padding_side", None)
         super().__init__(tokenizer, protein_tokenizer, chat_template=chat_template)
-        self.tokenizer.padding_side = padding_side
+        if padding_side is not None:
+            _set_padding_side(self.tokenizer, padding_side)
         # The model folder's retrieval database (retrieval_protllm.RetrievalDatabase), or None: set by from_pretrained.
         self.retrieval_database = None
         missing = [t for t in (PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN) if t not in self.tokenizer.get_vocab()]
@@ -174,6 +179,7 @@ class ProtLLMProcessor(ProcessorMixin):
         tokenizer.add_tokens([PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN], special_tokens=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        _set_padding_side(tokenizer, kwargs.pop("padding_side", "left"))
         return cls(tokenizer, protein_tokenizer, **kwargs)
 
     @classmethod
@@ -350,7 +356,11 @@ class ProtLLMProcessor(ProcessorMixin):
             char_mask = None
             if assistant_char_spans is not None:
                 spans = assistant_char_spans[text_index]
-                char_mask = [int(any(start <= s < end for start, end in spans)) for s, _ in encoded["offset_mapping"]]
+                # A token is learned when it overlaps a span (transformers' rule); zero-width tokens never are.
+                char_mask = [
+                    int(any(token_start < end and token_end > start for start, end in spans))
+                    for token_start, token_end in encoded["offset_mapping"]
+                ]
             sample_proteins = []
             for protein in per_text[text_index]:
                 sample_proteins.append(self.prepare_protein(protein, protein_index))
@@ -405,7 +415,7 @@ class ProtLLMProcessor(ProcessorMixin):
         return expanded, expanded_mask
 
     def _pad(self, rows, assistant_masks, padding, padding_side, max_length=None, pad_to_multiple_of=None):
-        side = padding_side or self.padding_side
+        side = padding_side or self.tokenizer.padding_side
         if len(rows) > 1 and not padding and len({len(r) for r in rows}) > 1:
             raise ValueError("texts of different lengths need padding=True to be batched")
         longest = max(len(r) for r in rows)
@@ -514,8 +524,25 @@ class ProtLLMProcessor(ProcessorMixin):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template, **kwargs)
 
     def assistant_turn_spans(self, messages, learn_from: int = 0, chat_template=None, **kwargs) -> list[tuple[int, int]]:
-        """Character spans of each assistant turn from message `learn_from` on (its content and end-of-turn marker)
-        in the rendered chat."""
+        """Character spans of the assistant turns from message `learn_from` on, in the rendered chat.
+
+        A template with `{% generation %}` ... `{% endgeneration %}` blocks declares them itself: the spans are those
+        blocks (transformers' `return_assistant_tokens_mask` convention, which TRL's `assistant_only_loss` follows).
+        A template without them (most text-LLM templates, SmolLM2's and Qwen2's included) gets, per assistant message,
+        the text its rendering adds after the generation prompt: its content and end-of-turn marker.
+        """
+        template = self.tokenizer.get_chat_template(chat_template, kwargs.get("tools"))
+        if GENERATION_BLOCK.search(template):
+            rendered, generation_spans = render_jinja_template(
+                conversations=[messages],
+                chat_template=template,
+                return_assistant_tokens_mask=True,
+                **{**self.tokenizer.special_tokens_map, **kwargs},  # the template variables the tokenizer's render sees
+            )
+            if rendered[0] != self._render(messages, chat_template, **kwargs):
+                raise ValueError("the chat template renders differently with assistant tracking; cannot mask assistant turns")
+            start = len(self._render(messages[:learn_from], chat_template, **kwargs)) if learn_from else 0
+            return [(begin, end) for begin, end in generation_spans[0] if begin >= start]
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant" or index < learn_from:

@@ -8,9 +8,10 @@ batch and the mixins can slice, repeat and pad rows freely. Variants re-run the 
 - tied input/output embeddings (`tie_word_embeddings=True`, as Qwen2 / SmolLM2).
 
 transformers' `GenerationTesterMixin` and `ExportTesterMixin` are not in the transformers sdist (see
-tests/transformers_common/README.md): `ProtLLMGenerationChecks` below holds this model's generation checks (assisted
-decoding == greedy, prompt lookup, static cache, logits_to_keep) and `ProtLLMCompileTest` the
-`torch.compile(fullgraph=True)` ones. transformers' `test_torch_export_*` are not run (ExportTesterMixin not vendored).
+tests/transformers_common/README.md). Written here instead: `ProtLLMGenerationTest` (the generate() contracts the mixin
+checks: dict outputs, sampling, beam search, stopping, continuing a cache, inputs_embeds), `ProtLLMGenerationChecks`
+(assisted decoding == greedy, prompt lookup, static cache, logits_to_keep) and `ProtLLMCompileTest`
+(`torch.compile(fullgraph=True)`). transformers' `test_torch_export_*` are not run (ExportTesterMixin not vendored).
 """
 
 import copy
@@ -404,6 +405,208 @@ class ProtLLMLeftPaddedGenerationTest(ProtLLMGenerationChecks, unittest.TestCase
         self.model_tester = ProtLLMModelTester(self, batch_size=2, left_padding=True)
 
 
+class ProtLLMGenerationTest(unittest.TestCase):
+    """The `generate()` contracts transformers' GenerationTesterMixin holds every model to, written here (the mixin is
+    not in the transformers sdist): output dicts, sampling, beam search, stopping, continuing from a returned cache,
+    generating from `inputs_embeds`. Assisted decoding, prompt lookup and the static cache are in
+    ProtLLMGenerationChecks; batched == one row at a time on processor-built prompts in tests/test_core_model.py.
+
+    Inputs: the tiny tester's two rows, left padded by different amounts (batched generation's layout), one protein each.
+    """
+
+    max_new_tokens = 4
+
+    def setUp(self):
+        self.model_tester = ProtLLMModelTester(self, batch_size=2, left_padding=True)
+        config, self.inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        config._attn_implementation = "eager"  # per-step attention weights (output_attentions) need eager attention
+        torch.manual_seed(0)
+        self.model = ProtLLMForConditionalGeneration(config).eval()
+        self.batch_size, self.prompt_length = self.inputs["input_ids"].shape
+        self.vocab_size = config.text_config.vocab_size
+
+    def generate(self, **kwargs):
+        kwargs = {"max_new_tokens": self.max_new_tokens, "pad_token_id": self.model_tester.pad_token_id, **kwargs}
+        with torch.no_grad():
+            return self.model.generate(**{**self.inputs, **kwargs})
+
+    def assertPromptsKept(self, sequences, copies=1):
+        """Each returned row starts with its own prompt: `copies` consecutive rows per input row."""
+        prompts = self.inputs["input_ids"].repeat_interleave(copies, dim=0)
+        self.assertEqual(sequences[:, : self.prompt_length].tolist(), prompts.tolist())
+
+    def test_greedy_dict_output(self):
+        """return_dict_in_generate gives the plain greedy sequences, one score/logit row per new token whose argmax is
+        that token, the prefill's logits equal a forward pass over the prompt, and per-step hidden states/attentions."""
+        # min_new_tokens: no row stops early, so every step has a token in every row.
+        greedy = dict(do_sample=False, min_new_tokens=self.max_new_tokens)
+        plain = self.generate(**greedy)
+        out = self.generate(
+            **greedy, return_dict_in_generate=True, output_scores=True, output_logits=True,
+            output_hidden_states=True, output_attentions=True,
+        )
+        self.assertEqual(out.sequences.tolist(), plain.tolist())
+        self.assertEqual(tuple(out.sequences.shape), (self.batch_size, self.prompt_length + self.max_new_tokens))
+        self.assertPromptsKept(out.sequences)
+        self.assertEqual(len(out.scores), self.max_new_tokens)
+        self.assertEqual(len(out.logits), self.max_new_tokens)
+        for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+            self.assertEqual(tuple(scores.shape), (self.batch_size, self.vocab_size))
+            self.assertEqual(scores.argmax(-1).tolist(), out.sequences[:, self.prompt_length + step].tolist())
+            # The protein tokens are never generated (suppressed in the scores), though the raw logits have them.
+            self.assertTrue(torch.isinf(scores[:, PROTEIN_TOKEN_ID]).all())
+            self.assertTrue(torch.isfinite(logits[:, PROTEIN_TOKEN_ID]).all())
+        with torch.no_grad():
+            prompt_logits = self.model(**self.inputs).logits[:, -1]
+        torch.testing.assert_close(out.logits[0], prompt_logits)
+
+        num_layers = self.model.config.text_config.num_hidden_layers
+        num_heads = self.model.config.text_config.num_attention_heads
+        self.assertEqual(len(out.hidden_states), self.max_new_tokens)
+        self.assertEqual(len(out.attentions), self.max_new_tokens)
+        for step, (hidden_states, attentions) in enumerate(zip(out.hidden_states, out.attentions)):
+            new_positions = self.prompt_length if step == 0 else 1  # the prefill sees the prompt, then one token a step
+            self.assertEqual(len(hidden_states), num_layers + 1)  # embeddings + each layer
+            self.assertEqual(tuple(hidden_states[-1].shape), (self.batch_size, new_positions, self.model_tester.hidden_size))
+            self.assertEqual(len(attentions), num_layers)
+            self.assertEqual(
+                tuple(attentions[0].shape), (self.batch_size, num_heads, new_positions, self.prompt_length + step)
+            )
+
+    def test_sampling_is_reproducible_with_a_seed(self):
+        """Same seed, same samples; num_return_sequences rows per prompt; every sampled token is one top-k kept."""
+        sampling = dict(do_sample=True, top_k=5, temperature=1.5, num_return_sequences=3, min_new_tokens=self.max_new_tokens,
+                        return_dict_in_generate=True, output_scores=True)
+        torch.manual_seed(7)
+        first = self.generate(**sampling)
+        torch.manual_seed(7)
+        second = self.generate(**sampling)
+        self.assertEqual(first.sequences.tolist(), second.sequences.tolist())
+        self.assertEqual(tuple(first.sequences.shape), (3 * self.batch_size, self.prompt_length + self.max_new_tokens))
+        self.assertPromptsKept(first.sequences, copies=3)
+        for step, scores in enumerate(first.scores):
+            self.assertEqual(tuple(scores.shape), (3 * self.batch_size, self.vocab_size))
+            self.assertTrue(torch.isfinite(scores).sum(-1).le(5).all())  # top_k=5: the others are -inf
+            chosen = scores.gather(1, first.sequences[:, self.prompt_length + step, None])
+            self.assertTrue(torch.isfinite(chosen).all())
+
+    def test_beam_search_scores_are_the_model_log_probabilities(self):
+        """Beam search returns num_return_sequences rows per prompt, best first, and each token's transition score is
+        the model's log-probability of it, recomputed by one forward pass over the returned sequence."""
+        out = self.generate(
+            do_sample=False, num_beams=3, num_return_sequences=2, min_new_tokens=self.max_new_tokens,
+            return_dict_in_generate=True, output_scores=True, length_penalty=1.0,
+        )
+        self.assertEqual(tuple(out.sequences.shape), (2 * self.batch_size, self.prompt_length + self.max_new_tokens))
+        self.assertPromptsKept(out.sequences, copies=2)
+        best_first = out.sequences_scores.view(self.batch_size, 2)
+        self.assertTrue((best_first[:, 0] >= best_first[:, 1]).all())
+
+        transition = self.model.compute_transition_scores(out.sequences, out.scores, out.beam_indices)
+        attention_mask = torch.cat(
+            [self.inputs["attention_mask"], torch.ones(self.batch_size, self.max_new_tokens, dtype=torch.long)], dim=1
+        ).repeat_interleave(2, dim=0)
+        proteins = {key: value.repeat_interleave(2, dim=0) for key, value in self.inputs.items() if key.startswith("protein_")}
+        with torch.no_grad():
+            logits = self.model(input_ids=out.sequences, attention_mask=attention_mask, **proteins).logits
+        log_probs = logits[:, self.prompt_length - 1 : -1].log_softmax(-1)
+        recomputed = log_probs.gather(2, out.sequences[:, self.prompt_length :, None]).squeeze(2)
+        torch.testing.assert_close(transition, recomputed, atol=1e-4, rtol=1e-4)
+
+    def test_beam_sample_runs_and_is_reproducible(self):
+        beam_sample = dict(do_sample=True, num_beams=2, num_return_sequences=2, min_new_tokens=self.max_new_tokens)
+        torch.manual_seed(3)
+        first = self.generate(**beam_sample)
+        torch.manual_seed(3)
+        second = self.generate(**beam_sample)
+        self.assertEqual(first.tolist(), second.tolist())
+        self.assertEqual(tuple(first.shape), (2 * self.batch_size, self.prompt_length + self.max_new_tokens))
+        self.assertPromptsKept(first, copies=2)
+
+    def test_eos_min_and_max_new_tokens(self):
+        """A row stops at its first EOS (then padded while the others go on); min_new_tokens forbids EOS before;
+        max_new_tokens bounds the rest."""
+        pad = self.model_tester.pad_token_id
+        reference = self.generate(do_sample=False, min_new_tokens=self.max_new_tokens)
+        new_tokens = reference[:, self.prompt_length :].tolist()
+        eos = new_tokens[0][1]  # row 0's second token: row 0 stops after at most two tokens
+        stopped = self.generate(do_sample=False, eos_token_id=eos)
+        expected = []
+        for row in new_tokens:
+            kept = row[: row.index(eos) + 1] if eos in row else row
+            expected.append(kept)
+        longest = max(len(kept) for kept in expected)
+        expected = [kept + [pad] * (longest - len(kept)) for kept in expected]
+        self.assertEqual(stopped[:, self.prompt_length :].tolist(), expected)
+        self.assertLessEqual(len(expected[0]) if self.batch_size == 1 else longest, self.max_new_tokens)
+
+        at_least = self.generate(do_sample=False, eos_token_id=eos, min_new_tokens=3, return_dict_in_generate=True,
+                                 output_scores=True)
+        self.assertGreaterEqual(at_least.sequences.shape[1], self.prompt_length + 3)
+        self.assertNotIn(eos, at_least.sequences[:, self.prompt_length : self.prompt_length + 3].flatten().tolist())
+        for scores in at_least.scores[:3]:
+            self.assertTrue(torch.isinf(scores[:, eos]).all())
+        self.assertEqual(self.generate(do_sample=False, max_new_tokens=2, min_new_tokens=2).shape[1], self.prompt_length + 2)
+
+    def test_continuing_from_the_returned_cache_equals_one_go(self):
+        """generate(…, past_key_values=previous.past_key_values) on the previous output continues it exactly, with or
+        without the protein inputs again (the cache already holds the prompt, proteins included)."""
+        greedy = dict(do_sample=False, min_new_tokens=2 * self.max_new_tokens, max_new_tokens=2 * self.max_new_tokens)
+        one_go = self.generate(**greedy)
+        first = self.generate(do_sample=False, min_new_tokens=self.max_new_tokens, return_dict_in_generate=True)
+        attention_mask = torch.cat(
+            [self.inputs["attention_mask"], torch.ones(self.batch_size, self.max_new_tokens, dtype=torch.long)], dim=1
+        )
+        proteins = {key: value for key, value in self.inputs.items() if key.startswith("protein_")}
+        for protein_inputs in ({}, proteins):
+            cache = copy.deepcopy(first.past_key_values)
+            with torch.no_grad():
+                continued = self.model.generate(
+                    input_ids=first.sequences, attention_mask=attention_mask, past_key_values=cache, do_sample=False,
+                    max_new_tokens=self.max_new_tokens, min_new_tokens=self.max_new_tokens,
+                    pad_token_id=self.model_tester.pad_token_id, **protein_inputs,
+                )
+            self.assertEqual(continued.tolist(), one_go.tolist(), msg=f"protein inputs given again: {bool(protein_inputs)}")
+
+    def test_copies_of_a_row_with_two_proteins_keep_both(self):
+        """num_return_sequences copies of a row run its own proteins: each copy's first-step logits equal a forward pass
+        of that row."""
+        num_residues = self.model_tester.num_residues
+        inputs = {key: value.clone() for key, value in self.inputs.items()}
+        # Row 0 gets a second protein after one text token; the proteins are ordered row by row: [A, C] then [B].
+        inputs["input_ids"][0, num_residues + 1 : 2 * num_residues + 1] = PROTEIN_TOKEN_ID
+        second = inputs["protein_input_ids"][1:].clone()
+        second[:, 1:-1] = second[:, 1:-1].flip(-1)  # other residues than row 1's protein
+        for key in ("protein_input_ids", "protein_attention_mask"):
+            extra = second if key == "protein_input_ids" else torch.ones_like(second)
+            inputs[key] = torch.cat([inputs[key][:1], extra, inputs[key][1:]])
+        with torch.no_grad():
+            expected = self.model(**inputs).logits[:, -1].repeat_interleave(2, dim=0)
+            out = self.model.generate(
+                **inputs, do_sample=True, num_return_sequences=2, max_new_tokens=1, return_dict_in_generate=True,
+                output_logits=True, pad_token_id=self.model_tester.pad_token_id,
+            )
+        torch.testing.assert_close(out.logits[0], expected)
+        with torch.no_grad():  # beam search expands the same way
+            beams = self.model.generate(**inputs, num_beams=2, max_new_tokens=1, return_dict_in_generate=True,
+                                        output_logits=True, pad_token_id=self.model_tester.pad_token_id)
+        torch.testing.assert_close(beams.logits[0], expected)
+
+    def test_generate_from_inputs_embeds(self):
+        """inputs_embeds instead of input_ids (placeholders found by their embedding, as LLaVA does): the same new
+        tokens, and only those are returned (transformers' rule for decoder-only models)."""
+        greedy = dict(do_sample=False, min_new_tokens=self.max_new_tokens)
+        from_ids = self.generate(**greedy)
+        inputs = dict(self.inputs)
+        inputs_embeds = self.model.get_input_embeddings()(inputs.pop("input_ids"))
+        with torch.no_grad():
+            from_embeds = self.model.generate(
+                inputs_embeds=inputs_embeds, **inputs, **greedy, max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.model_tester.pad_token_id,
+            )
+        self.assertEqual(from_embeds.tolist(), from_ids[:, self.prompt_length :].tolist())
+
+
 class ProtLLMTrainableEncoderTest(ProtLLMModelTest):
     tester_kwargs = {"freeze_protein_encoder": False, "protein_feature_layer": -2}
     locals().update(_only(ProtLLMModelTest, {
@@ -454,14 +657,12 @@ class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     processor_class = ProtLLMProcessor
 
-    # Known failures at the time of vendoring (processor work of issue 14/19 in progress), strict: a fix shows up.
+    # Tests that feed images to a protein processor: not applicable (the processor refuses images by design). Strict
+    # xfail so that a change in the mixin that makes one of them run on text alone shows up.
     _known_failures = {
-        "test_apply_chat_template_assistant_mask": "the assistant-token ids differ from the ones transformers' template rendering gives",
         "test_flat_kwarg_applied_when_modality_dict_lacks_it": "the mixin passes images (modality input-name check, not applicable); refused",
         "test_get_num_multimodal_tokens_matches_processor_call": "the mixin passes images to __call__ (not applicable to proteins); refused",
-        "test_init_arguments_not_in_processor_kwargs": "padding_side is both an __init__ argument and in ProtLLMProcessorKwargs",
         "test_model_input_names": "the mixin passes images (image input-name check, not applicable); refused",
-        "test_no_redundant_default_kwargs": "ProtLLMProcessorKwargs repeats the tokenizer's add_special_tokens=True",
     }
     for _name, _reason in _known_failures.items():
         locals()[_name] = pytest.mark.xfail(strict=True, reason=_reason)(getattr(ProcessorTesterMixin, _name))
@@ -479,3 +680,65 @@ class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     @classmethod
     def _setup_from_components(cls):
         return ProtLLMProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), build_protein_tokenizer("esm"))
+
+    # ----- ProtLLM's own checks of the conventions the fixes above adopted -------------------------------------------
+
+    def test_padding_side_lives_on_the_tokenizer_and_old_folders_load(self):
+        """padding_side is the LLM tokenizer's (saved in tokenizer_config.json); a folder saved when it was a processor
+        argument (processor_config.json holds it, tokenizer_config.json does not) still loads with it."""
+        import json
+        import tempfile
+        from pathlib import Path
+
+        processor = self._setup_from_components()
+        self.assertEqual(processor.tokenizer.padding_side, "left")
+        with tempfile.TemporaryDirectory() as folder:
+            processor.save_pretrained(folder)
+            processor_config = json.loads((Path(folder) / "processor_config.json").read_text())
+            tokenizer_config_path = Path(folder) / "tokenizer_config.json"
+            tokenizer_config = json.loads(tokenizer_config_path.read_text())
+            self.assertNotIn("padding_side", processor_config)
+            self.assertEqual(tokenizer_config["padding_side"], "left")
+            self.assertEqual(ProtLLMProcessor.from_pretrained(folder).tokenizer.padding_side, "left")
+
+            # The earlier layout, with the side the tokenizer would not default to.
+            (Path(folder) / "processor_config.json").write_text(json.dumps({**processor_config, "padding_side": "right"}))
+            del tokenizer_config["padding_side"]
+            tokenizer_config_path.write_text(json.dumps(tokenizer_config))
+            old = ProtLLMProcessor.from_pretrained(folder)
+        self.assertEqual(old.tokenizer.padding_side, "right")
+        batch = old(text=["a <protein> b", "c"], proteins=[["MKV"], None])
+        self.assertEqual(batch["attention_mask"][1][-1], 0)  # the shorter row is padded on the right
+        left = old(text=["a <protein> b", "c"], proteins=[["MKV"], None], padding_side="left")
+        self.assertEqual(left["attention_mask"][1][0], 0)
+
+    def test_generation_blocks_decide_the_learned_spans(self):
+        """With `{% generation %}` blocks the learned spans are the blocks, in the training collator's rendering too
+        (`render_conversation`, with `learn_from`); without them, each assistant turn after its generation prompt."""
+        processor = self._setup_from_components()
+        template = (
+            "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+            "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+            "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        )
+        messages = [
+            {"role": "user", "content": [{"type": "protein", "sequence": "MKV"}, {"type": "text", "text": "Function?"}]},
+            {"role": "assistant", "content": "A kinase."},
+            {"role": "user", "content": "Location?"},
+            {"role": "assistant", "content": "The membrane."},
+        ]
+        text, proteins, spans = processor.render_conversation(messages, learn_from=2, chat_template=template)
+        self.assertEqual(len(proteins), 1)
+        self.assertEqual([text[start:end] for start, end in spans], ["The membrane.<|im_end|>"])
+        _, _, all_turns = processor.render_conversation(messages, chat_template=template)
+        self.assertEqual([text[start:end] for start, end in all_turns], ["A kinase.<|im_end|>", "The membrane.<|im_end|>"])
+
+        # The tokens apply_chat_template marks are those of the blocks, protein tokens never among them.
+        out = processor.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        learned = [token for token, flag in zip(out["input_ids"][0], out["assistant_masks"][0]) if flag]
+        self.assertEqual(processor.decode(learned), "A kinase.<|im_end|>The membrane.<|im_end|>")
+
+        # SmolLM2's own template has no generation blocks: the answer and its end-of-turn marker are learned.
+        text, _, spans = processor.render_conversation(messages)
+        self.assertEqual([text[start:end] for start, end in spans], ["A kinase.<|im_end|>\n", "The membrane.<|im_end|>\n"])
