@@ -14,7 +14,8 @@ Examples::
         --predictor retrieval --out outputs/eval_model
 
 Predictors: a model folder (ProtLLM contract; it uses its own retrieval database when it has one),
-``most_common``, ``retrieval`` (MMseqs2 nearest neighbour in ``--train``, ``-s 7.5``; a no-hit predicts the
+``most_common``, ``retrieval`` (MMseqs2 top-k neighbours in ``--train``, ``-s 7.5``, combined: EC vote abstaining
+to the family level, GO scored terms), ``retrieval_top1`` (the top hit's answer; for both a no-hit predicts the
 most-common answer and is counted) or ``file:PRED.jsonl`` (score existing predictions ``{"id","prediction"}``).
 torch/transformers are imported only when a model folder is evaluated. A thin wrapper over
 :func:`eval.run.run_evaluation`, which scripts call directly.
@@ -34,9 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--task", default="auto",
                     help="function_text | ec | reaction | go | function_mcqa | yes_no | protein_name | keywords | "
                          "auto, or a comma list (e.g. ec,reaction)")
-    ap.add_argument("--split", default=None, help="keep rows with this split (e.g. test)")
+    ap.add_argument("--split", default=None,
+                    help="keep rows with this split (e.g. test); 'temporal': EC number and reaction tasks are evaluated on "
+                         "New-392 (Swiss-Prot entries newer than CLEAN split10) against CLEAN split10 as train / "
+                         "retrieval database (--temporal_test / --temporal_train to point elsewhere)")
+    ap.add_argument("--temporal_test", default=None, help="--split temporal test set (default ../shared/data/ec/new392.jsonl)")
+    ap.add_argument("--temporal_train", default=None,
+                    help="--split temporal train set (default ../shared/data/ec/clean_split10.jsonl)")
     ap.add_argument("--predictor", action="append", required=True,
-                    help="model folder | most_common | retrieval | file:PRED.jsonl (repeatable)")
+                    help="model folder | most_common | retrieval (top-k neighbours combined) | retrieval_top1 (top hit) | "
+                         "file:PRED.jsonl (repeatable)")
+    ap.add_argument("--retrieval_k", type=int, default=10, help="neighbours the retrieval predictor combines")
+    ap.add_argument("--retrieval_text", choices=["top1", "medoid"], default="top1",
+                    help="free-text answer of the retrieval predictor: the top hit's, or the medoid of the top-k")
+    ap.add_argument("--go_obo", default=None,
+                    help="GO ontology (OBO, e.g. go-basic.obo): propagate GO terms to ancestors before scoring")
     ap.add_argument("--train", default=None, help="training JSONL for retrieval / most_common / identity bins")
     ap.add_argument("--train_split", default=None,
                     help="split of --train to use (default: 'train' when --train is the same file as --data)")
@@ -87,6 +100,8 @@ def main(argv=None) -> int:
             shuffled_proteins=args.shuffled_proteins, no_retrieval=args.no_retrieval, bootstrap=args.bootstrap,
             bertscore_model=args.bertscore_model, meteor=not args.no_meteor, identity=not args.no_identity,
             threads=args.threads, sensitivity=args.sensitivity, examples_shown=args.examples,
+            retrieval_k=args.retrieval_k, retrieval_text=args.retrieval_text, go_obo=args.go_obo,
+            temporal_test=args.temporal_test, temporal_train=args.temporal_train,
             progress=not args.no_progress, on_bad_rows=args.on_bad_rows,
             command="python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),
         )

@@ -43,7 +43,7 @@ FAMILY = {
     "ec_number": "ec",
     "function_mcqa": "mcqa",
     "yes_no": "yes_no",
-    "go_terms": "label_set",
+    "go_terms": "go",
     "keywords": "label_set",
 }
 
@@ -157,12 +157,14 @@ def _from_raw_row(row, task: str, n) -> dict | None:
         go = row.get("go") or {}
         if not go:
             return None
-        names, ids = [], []
+        names, ids, aspects = [], [], []
         for aspect in sorted(go):
             for term in go[aspect] or []:
                 names.append(term.get("name") or term.get("id"))
                 ids.append(term.get("id"))
-        meta["go_ids"] = ids
+                aspects.append(aspect)
+        # ids, ontologies and names side by side: eval.go scores by id per ontology (BP / MF / CC)
+        meta.update(go_ids=ids, aspects=aspects, go_names=names)
         ref = "; ".join(names)
     elif task == "protein_name":
         ref = row.get("protein_name")

@@ -24,8 +24,8 @@ IDENTITY_BINS = [(0.0, 0.3, "<30%"), (0.3, 0.5, "30-50%"), (0.5, 0.7, "50-70%"),
                  (0.9, 1.0001, ">=90%")]
 NO_HIT = "no hit"
 
-PRIMARY = {"text": "rougeL", "short_text": "rougeL", "ec": "micro_f1", "label_set": "f1", "mcqa": "accuracy",
-           "yes_no": "accuracy"}
+PRIMARY = {"text": "rougeL", "short_text": "rougeL", "ec": "micro_f1", "label_set": "f1", "go": "f1",
+           "mcqa": "accuracy", "yes_no": "accuracy"}
 # metrics shown in the main table, in order
 SHOWN = {
     "text": ["bleu2", "bleu4", "sacrebleu", "rouge1", "rouge2", "rougeL", "meteor", "bertscore_f1", "exact_match"],
@@ -33,6 +33,9 @@ SHOWN = {
     "ec": ["micro_precision", "micro_recall", "micro_f1", "clean_precision", "clean_recall", "clean_f1",
            "exact_match", "level1_accuracy", "level2_accuracy", "level3_accuracy", "level4_accuracy"],
     "label_set": ["precision", "recall", "f1", "exact_match"],
+    # go_terms (eval/go.py): pooled micro by id, then per ontology CAFA Fmax and micro F1
+    "go": ["precision", "recall", "f1", "exact_match", "bp_fmax", "bp_micro_f1", "mf_fmax", "mf_micro_f1", "cc_fmax",
+           "cc_micro_f1"],
     "mcqa": ["accuracy", "perm_all_accuracy", "perm_mean_accuracy"],
     "yes_no": ["accuracy"],
 }
@@ -42,7 +45,7 @@ class TaskScorer:
     """Per-example statistics for one task and one predictor; ``values(idx)`` scores any subset."""
 
     def __init__(self, family: str, predictions, references, metas=None, meteor: bool = True,
-                 bertscore_model: str | None = None):
+                 bertscore_model: str | None = None, go_vocabulary=None):
         self.family = family
         self.preds = [S.as_text(p) for p in predictions]
         self.refs = [S.as_text(r) for r in references]
@@ -52,6 +55,7 @@ class TaskScorer:
         self.arrays: dict[str, np.ndarray] = {}  # per-example means
         self.sums: dict[str, np.ndarray] = {}  # per-example sufficient statistics
         self.counts: dict[str, int] = {"empty_predictions": sum(1 for p in self.preds if not p.strip())}
+        self.go_vocabulary = go_vocabulary
         getattr(self, f"_prep_{family}")(meteor, bertscore_model)
 
     # ---- preparation per family
@@ -99,6 +103,15 @@ class TaskScorer:
         self.sums["micro"] = S.micro_prf_counts(ps, ts)
         self.arrays["exact_match"] = np.array([set(p) == set(t) for p, t in zip(ps, ts)], dtype=float)
 
+    def _prep_go(self, meteor, bertscore_model):
+        from .go import GOScores, load_vocabulary
+
+        examples = [{"task": "go_terms", "reference": r, "meta": m} for r, m in zip(self.refs, self.metas)]
+        vocabulary = self.go_vocabulary or load_vocabulary(examples)
+        self._go = GOScores(self.preds, examples, vocabulary)
+        self.counts.update(self._go.counts)
+        self.notes.extend(self._go.notes())
+
     def _prep_choice(self, kind):
         opts = [m.get("options") for m in self.metas]
         opts = [o if isinstance(o, (list, tuple)) else (list(o.values()) if isinstance(o, dict) else None) for o in opts]
@@ -143,6 +156,9 @@ class TaskScorer:
         if self.family == "ec":
             for k, v in self._wprf(idx).items():
                 out["clean_" + k] = v
+        if self.family == "go":
+            W = np.bincount(idx, minlength=self.n).astype(float)[None, :]  # (1, n)
+            out.update({k: float(v[0]) for k, v in self._go.weighted(W).items()})
         if len(idx) == self.n and getattr(self, "fixed", None):
             out.update(self.fixed)
         return out
@@ -170,6 +186,10 @@ class TaskScorer:
                 pre = "micro_" if self.family == "ec" else ""
                 for k, v in m.items():
                     res[pre + k] = v
+            if self.family == "go":
+                W = np.zeros((b, self.n))  # (b, n): how often each example is drawn
+                np.add.at(W, (np.repeat(np.arange(b), self.n), I.ravel()), 1.0)
+                res.update(self._go.weighted(W))
             if self.family == "ec":
                 w = [self._wprf(row) for row in I]
                 for k in ("precision", "recall", "f1"):
@@ -195,14 +215,17 @@ def identity_bin(identity: float | None) -> str:
 
 def score_predictor(task: str, examples: list[dict], predictions: dict[str, str], identities: dict | None = None,
                     bootstrap: int = 1000, seed: int = 0, meteor: bool = True, bertscore_model: str | None = None,
-                    extra_counts: dict | None = None) -> dict:
-    """Everything the report needs for one (task, predictor): values, CIs, counts, identity bins."""
+                    extra_counts: dict | None = None, go_vocabulary=None) -> dict:
+    """Everything the report needs for one (task, predictor): values, CIs, counts, identity bins.
+
+    ``go_vocabulary`` (:class:`eval.go.GOVocabulary`, go_terms only): the term dictionary and optional ontology;
+    default: the dictionary of ``examples`` alone, not propagated."""
     family = FAMILY[task]
     scored = [ex for ex in examples if ex.get("reference") is not None and str(ex["reference"]).strip()]
     missing_refs = len(examples) - len(scored)
     preds = [predictions.get(ex["id"]) for ex in scored]
     sc = TaskScorer(family, preds, [ex["reference"] for ex in scored], [ex.get("meta") or {} for ex in scored],
-                    meteor=meteor, bertscore_model=bertscore_model)
+                    meteor=meteor, bertscore_model=bertscore_model, go_vocabulary=go_vocabulary)
     vals = sc.values()
     cis = sc.bootstrap(bootstrap, seed)
     metrics = {k: {"value": v, "ci_low": cis.get(k, (None, None))[0], "ci_high": cis.get(k, (None, None))[1]}
@@ -293,6 +316,8 @@ def write_report(out_dir, results: dict, examples_by_task: dict, predictions: di
         fam = tres["family"]
         n = len(examples_by_task[task])
         lines += [f"## {task} (n = {n})", ""]
+        if tres.get("split"):
+            lines += [f"Split: {tres['split']}", ""]
         if task in INSTRUCTIONS:
             lines += [f"Instruction used for raw-data rows: *{INSTRUCTIONS[task]}*", ""]
         shown = [m for m in SHOWN[fam] if any(m in p["metrics"] for p in preds.values())]

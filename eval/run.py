@@ -8,15 +8,28 @@ The function a script calls; `python -m eval` parses its flags into these argume
     metrics["tasks"]["protein_name"]["predictors"]["model"]["metrics"]["rougeL"]   # {"value", "ci_low", "ci_high"}
 
 Predictors: a model folder (ProtLLM contract: with its own retrieval database when the folder has `retrieval/`),
-`most_common`, `retrieval` (MMseqs2 nearest neighbour in `train`) or `file:PRED.jsonl`.
+`most_common`, `retrieval` (MMseqs2 top-k neighbours in `train`, combined: eval.baselines.Retrieval),
+`retrieval_top1` (the top hit's answer) or `file:PRED.jsonl`.
+
+`split="temporal"`: the EC number and reaction tasks are evaluated on the temporal test set (New-392: Swiss-Prot
+entries newer than CLEAN split10's release) with CLEAN split10 as training / retrieval database, whatever `data`
+and `train` hold for them; other tasks use `data` / `train` as given. The split used is in `metrics.json`
+(`header.split`, `tasks.<task>.split`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# ../shared/data next to the repository (as in tests/conftest.py), or $PROTLLM_SHARED_DATA
+SHARED_DATA = Path(os.environ.get("PROTLLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+TEMPORAL_TASKS = ("ec_number", "reaction")
+TEMPORAL_SPLIT = ("temporal: New-392 (Swiss-Prot entries newer than the CLEAN split10 release) as test, "
+                  "CLEAN split10 as train / retrieval database")
 
 
 def _same_file(a, b) -> bool:
@@ -102,6 +115,11 @@ def run_evaluation(
     identity: bool = True,
     threads: int = 1,
     sensitivity: float | None = 7.5,
+    retrieval_k: int = 10,
+    retrieval_text: str = "top1",
+    go_obo=None,
+    temporal_test=None,
+    temporal_train=None,
     examples_shown: int = 5,
     progress: bool = True,
     command: str | None = None,
@@ -113,7 +131,11 @@ def run_evaluation(
     {metric: {"value", "ci_low", "ci_high"}}, "primary", "counts", ...}}, "family", "n"}}}`.
     `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
     before the model, so before its retrieval too); `no_retrieval` adds `<model>+no_retrieval` (the prompt says no
-    similar protein is known: the encoder path alone). Raises `ValueError` when `data` yields no examples.
+    similar protein is known: the encoder path alone). `retrieval_k` / `retrieval_text` set the `retrieval`
+    predictor (top-k neighbours; free text by 'top1' or 'medoid'). `go_obo`: an OBO file to propagate GO terms to
+    their ancestors (eval/go.py). `split="temporal"`: see the module docstring; `temporal_test` / `temporal_train`
+    default to ../shared/data/ec/new392.jsonl and clean_split10.jsonl. Raises `ValueError` when `data` yields no
+    examples.
     """
     from .data import holdout_split, load_examples
     from .generate import FilePredictor, ModelPredictor, run_generation
@@ -122,7 +144,16 @@ def run_evaluation(
     t0 = time.time()
     out = Path(out)
     # Inputs are checked before anything is written: a typo in a path must not leave an empty output folder behind.
-    for flag, path in (("--data", data), ("--train", train)):
+    temporal = split == "temporal"
+    if temporal:
+        if holdout:
+            raise ValueError("--split temporal and --holdout exclude each other (the temporal split has its own train)")
+        split = None
+        temporal_test = Path(temporal_test or SHARED_DATA / "ec" / "new392.jsonl")
+        temporal_train = Path(temporal_train or SHARED_DATA / "ec" / "clean_split10.jsonl")
+    for flag, path in (("--data", data), ("--train", train), ("--go_obo", go_obo),
+                       ("temporal test set", temporal_test if temporal else None),
+                       ("temporal train set", temporal_train if temporal else None)):
         if path is not None and not Path(path).exists():
             raise ValueError(f"{flag} {path}: no such file")
     if out.exists() and not out.is_dir():
@@ -130,7 +161,7 @@ def run_evaluation(
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of examples per task, got {limit}")
     for spec in predictors:
-        if spec not in ("most_common", "retrieval") and not spec.startswith("file:") and Path(spec).is_dir() \
+        if spec not in ("most_common", "retrieval", "retrieval_top1") and not spec.startswith("file:") and Path(spec).is_dir() \
                 and not (Path(spec) / "config.json").is_file():
             raise ValueError(f"predictor {spec}: the folder has no config.json, so it is not a model folder "
                              "(an unfinished save or the wrong path?)")
@@ -166,6 +197,23 @@ def run_evaluation(
             overlap = sum(1 for ex in train_examples if ex["id"] in test_ids)
             if overlap:
                 notes.append(f"{overlap} training examples share an id with a test example (leakage check).")
+    split_of_task: dict[str, str] = {}
+    if temporal:
+        from .data import canonical_task
+
+        asked = {canonical_task(t.strip()) for t in task.split(",") if t.strip()}
+        swapped = [t for t in TEMPORAL_TASKS if "auto" in asked or t in asked]
+        if not swapped:
+            raise ValueError(f"--split temporal changes the tasks {', '.join(TEMPORAL_TASKS)}; --task {task} has none")
+        examples = [ex for ex in examples if ex["task"] not in swapped]
+        extra = load_examples(temporal_test, ",".join(swapped), limit=limit, stats=data_stats.setdefault("temporal", {}))
+        examples += _check_examples(extra, temporal_test, on_bad_rows, data_stats, notes, what="temporal test set")
+        temporal_rows = load_examples(temporal_train, ",".join(swapped))
+        temporal_rows = _check_examples(temporal_rows, temporal_train, on_bad_rows, {}, notes, what="temporal train set")
+        train_examples = [ex for ex in train_examples or [] if ex["task"] not in swapped] + temporal_rows
+        split_of_task = {t: TEMPORAL_SPLIT for t in swapped}
+        notes.append(f"--split temporal: {', '.join(swapped)} evaluated on {temporal_test} "
+                     f"against {temporal_train} as training / retrieval database.")
     if not examples:
         raise ValueError(f"no examples for task {task!r} in {data} (split {split})")
     by_task: dict[str, list] = {}
@@ -194,12 +242,14 @@ def run_evaluation(
             if not train_examples:
                 raise ValueError("most_common needs --train or --holdout")
             p, bs = MostCommon(train_examples), 10**9
-        elif spec == "retrieval":
+        elif spec in ("retrieval", "retrieval_top1"):
             from .baselines import Retrieval
 
             if not train_examples:
-                raise ValueError("retrieval needs --train or --holdout")
-            p, bs = Retrieval(train_examples, threads=threads, sensitivity=sensitivity), 10**9
+                raise ValueError(f"{spec} needs --train or --holdout")
+            p = Retrieval(train_examples, threads=threads, sensitivity=sensitivity, combine=spec == "retrieval",
+                          k=retrieval_k, text_combine=retrieval_text)
+            bs = 10**9
         elif spec.startswith("file:"):
             p, bs = FilePredictor(spec[5:]), 10**9
         elif Path(spec).is_dir():
@@ -207,7 +257,8 @@ def run_evaluation(
                                temperature=temperature, top_p=top_p, device=device, dtype=dtype)
             bs = batch_size
         else:
-            raise ValueError(f"unknown predictor {spec!r}: not a folder, most_common, retrieval or file:PATH")
+            raise ValueError(f"unknown predictor {spec!r}: not a folder, most_common, retrieval, retrieval_top1 "
+                             "or file:PATH")
         base = p.name
         k = 2
         while p.name in names_seen:
@@ -223,6 +274,14 @@ def run_evaluation(
             if no_retrieval:
                 runs.append((p.without_retrieval(), bs))
 
+    go_vocabulary = None
+    if "go_terms" in by_task:
+        from .go import load_vocabulary
+
+        go_vocabulary = load_vocabulary(examples + list(train_examples or []), go_obo)
+    default_split = (f"seeded holdout of --data ({holdout} to test, by {holdout_by})" if holdout
+                     else f"rows of --data with split={split}" if split else "all rows of --data")
+    split_of_task = {name: split_of_task.get(name, default_split) for name in by_task}
     results: dict = {}
     predictions: dict = {}
     for name, exs in by_task.items():
@@ -236,17 +295,23 @@ def run_evaluation(
                 extra = {"extra_ids_in_file": p.extra_ids(examples), "missing_predictions_in_file": sum(
                     1 for e in exs if e["id"] not in p.preds), "invalid_lines": p.info["invalid_lines"],
                     "duplicate_ids_in_file": p.info["duplicate_ids"]}
-            if getattr(p, "no_hit", None) is not None and p.name == "retrieval":
-                no_hit = sum(1 for e in exs if p.neighbour.get(e["id"]) is None)
+            # p.neighbour is filled when it predicted; on a resumed run (predictions read back) it is empty
+            if getattr(p, "no_hit", None) is not None and p.name in ("retrieval", "retrieval_top1") \
+                    and all(e["id"] in p.neighbour for e in exs):
+                no_hit = sum(1 for e in exs if p.neighbour[e["id"]] is None)
                 extra["retrieval_no_hit"] = no_hit
-                notes.append(f"{name}: retrieval found no hit (MMseqs2 -s {sensitivity or 'default 5.7'}) for {no_hit} of "
-                             f"{len(exs)} test proteins; a no-hit predicts the most-common training answer.")
+                fallback = p.fallback.answers.get(name, "")
+                notes.append(f"{name}: {p.name} found no hit (MMseqs2 -s {sensitivity or 'default 5.7'}) for "
+                             f"{no_hit} of {len(exs)} test proteins; a no-hit predicts the most-common training "
+                             f"answer ({fallback[:80]!r}).")
             res = score_predictor(name, exs, preds, identities.get(name), bootstrap=bootstrap, seed=seed,
-                                  meteor=meteor, bertscore_model=bertscore_model, extra_counts=extra)
+                                  meteor=meteor, bertscore_model=bertscore_model, extra_counts=extra,
+                                  go_vocabulary=go_vocabulary)
             results[name]["predictors"][p.name] = res
             predictions[name][p.name] = preds
         results[name]["family"] = next(iter(results[name]["predictors"].values()))["family"]
         results[name]["n"] = len(exs)
+        results[name]["split"] = split_of_task[name]
 
     with open(out / "predictions.jsonl", "w") as fh:
         for name, exs in by_task.items():
@@ -257,8 +322,10 @@ def run_evaluation(
                          + "\n")
     header = {
         "command": command or f"run_evaluation({str(data)!r}, {predictors!r}, {str(out)!r})",
-        "data": str(data), "split": split, "train": None if train is None else str(train),
-        "train_split": train_split or (("train" if train and _same_file(train, data) else None)),
+        "data": str(data), "split": "temporal" if temporal else split, "train": None if train is None else str(train),
+        "temporal_test": str(temporal_test) if temporal else None,
+        "temporal_train": str(temporal_train) if temporal else None, "go_obo": None if go_obo is None else str(go_obo),
+        "train_split": train_split or ("train" if train and _same_file(train, data) else None),
         "holdout": holdout, "seed": seed, "bootstrap": bootstrap,
         "data_stats": data_stats, "n_train": len(train_examples) if train_examples else None,
         "identity": None if not identities else (f"max MMseqs2 identity (fident; easy-search, -s {sensitivity or 'default 5.7'}) "

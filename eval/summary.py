@@ -30,7 +30,7 @@ def evaluate_model(recipe, model_dir: Path, output_dir: Path) -> dict | None:
         bootstrap=spec.get("bootstrap", 200), shuffled_proteins=spec.get("shuffled_proteins", True),
         no_retrieval=has_database and spec.get("no_retrieval", True),
         identity="--no_identity" not in flags, meteor="--no_meteor" not in flags,
-        task=",".join(spec["tasks"]) if spec.get("tasks") else "auto", progress=True,
+        task=",".join(spec["tasks"]) if spec.get("tasks") else "auto", progress=True, split=spec.get("split"),
         command=f"eval.run.run_evaluation (recipe {recipe.get('recipe')})",
     )
     table = summarise_metrics(metrics, model_name=Path(model_dir).name)
@@ -63,7 +63,9 @@ def summarise_metrics(metrics: dict, model_name: str) -> dict:
             row[label] = {"metric": primary, "value": value.get("value"), "ci_low": value.get("ci_low"),
                           "ci_high": value.get("ci_high"), "n": result.get("counts", {}).get("n_examples")}
         tasks[task] = row
-    return {"tasks": tasks, "report": "eval/report.md", "metrics": "eval/metrics.json"}
+    splits = {task: result.get("split") for task, result in metrics.get("tasks", {}).items() if result.get("split")}
+    return {"tasks": tasks, "splits": splits, "split": (metrics.get("header") or {}).get("split"),
+            "report": "eval/report.md", "metrics": "eval/metrics.json"}
 
 
 def print_table(table: dict):
@@ -78,6 +80,11 @@ def print_table(table: dict):
             cells.append(f"{cell['value']:.3f} [{cell['ci_low']:.2f},{cell['ci_high']:.2f}]" if cell and cell["value"] is not None
                          and cell.get("ci_low") is not None else (f"{cell['value']:.3f}" if cell and cell["value"] is not None else "-"))
         print(f"{task:<14} {metric:<14} " + " ".join(f"{c:>24}" for c in cells))
+    by_split: dict[str, list[str]] = {}
+    for task, split in (table.get("splits") or {}).items():
+        by_split.setdefault(split, []).append(task)
+    for split, tasks in by_split.items():
+        print(f"split of {', '.join(tasks)}: {split}")
 
 
 def print_examples(predictions_path: Path, model_name: str, count: int):

@@ -1,0 +1,88 @@
+"""The retrieval baselines (`retrieval`: top-k combined, `retrieval_top1`: top hit) and `--split temporal`."""
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+from conftest import require_shared_data
+
+from eval.__main__ import main
+from eval.baselines import Retrieval, medoid_text, vote_ec
+from eval.scoring import ec_metrics
+from eval.summary import print_table, summarise_metrics
+
+
+def test_ec_vote_agrees_abstains_to_the_family_or_keeps_the_top_hit():
+    # neighbours agree: every EC with half the weight or more is predicted, the heaviest first
+    assert vote_ec([(["1.1.1.1"], 5.0), (["1.1.1.1", "2.7.7.7"], 5.0)]) == ["1.1.1.1", "2.7.7.7"]
+    # they disagree at the full level (10/21 < 1/2) but share 3.1.1: abstain to the family
+    family = vote_ec([(["3.1.1.1"], 10.0), (["3.1.1.2"], 9.0), (["3.1.1.3"], 2.0)])
+    assert family == ["3.1.1.-"]
+    scores = ec_metrics(["; ".join(family)], ["3.1.1.2"])
+    assert scores["level3_accuracy"] == 1.0 and scores["level4_accuracy"] == 0.0
+    # no agreement at any level: the top hit
+    assert vote_ec([(["1.1.1.1"], 5.0), (["2.1.1.1"], 5.0), (["3.1.1.1"], 5.0)]) == ["1.1.1.1"]
+    assert vote_ec([]) == []
+
+
+def test_medoid_text_is_the_description_the_neighbours_share():
+    texts = [("Kinase that phosphorylates serine", 1.5), ("Zinc finger transcription factor", 1.0),
+             ("Zinc finger transcription factor of the nucleus", 1.0)]
+    assert medoid_text(texts).startswith("Zinc finger transcription factor")
+    assert medoid_text([("only one", 0.3)]) == "only one"
+
+
+def _train(i, task, reference, meta=None):
+    return {"id": f"t{i}", "task": task, "proteins": [{"sequence": "MKTAYIAKQR"}], "reference": reference,
+            "meta": meta or {}}
+
+
+def test_go_retrieval_scores_each_term_by_its_best_neighbour_identity():
+    train = [_train(0, "go_terms", "zinc binding; nucleus", {"go_ids": ["GO:0000012", "GO:0000021"]}),
+             _train(1, "go_terms", "nucleus", {"go_ids": ["GO:0000021", "GO:0000031"]})]
+    hits = [{"target": "t0", "identity": 0.62, "bits": 90.0}, {"target": "t1", "identity": 0.81, "bits": 80.0}]
+    combined, top1 = Retrieval(train), Retrieval(train, combine=False)
+    assert combined.name == "retrieval" and top1.name == "retrieval_top1"
+    targets = combined.train["go_terms"]
+    assert combined._answer("go_terms", hits, targets) == "GO:0000021 (0.810); GO:0000031 (0.810); GO:0000012 (0.620)"
+    assert top1._answer("go_terms", hits, targets) == "zinc binding; nucleus"
+    yes_no = Retrieval([_train(0, "yes_no", "no"), _train(1, "yes_no", "yes"), _train(2, "yes_no", "yes")])
+    hits = [{"target": f"t{i}", "identity": w, "bits": 1.0} for i, w in enumerate((0.9, 0.5, 0.5))]
+    assert yes_no._answer("yes_no", hits, yes_no.train["yes_no"]) == "yes"  # 1.0 of weight against 0.9
+
+
+@pytest.mark.skipif(shutil.which("mmseqs") is None, reason="mmseqs2 not installed")
+def test_split_temporal_swaps_ec_and_reaction_to_the_temporal_sets(tmp_path, repo_root, capsys):
+    ec_dir = require_shared_data() / "ec"
+    new = [json.loads(line) for line in (ec_dir / "new392.jsonl").read_text().splitlines()[:3]]
+    old = [json.loads(line) for line in (ec_dir / "clean_split10.jsonl").read_text().splitlines()[:60]]
+    # a training twin of the first temporal protein, with an EC and reaction no other row has
+    twin = {"accession": "TWIN", "sequence": new[0]["sequence"], "ec": ["9.9.9.9"], "reactions": {"9.9.9.9": ["A = B"]}}
+    (tmp_path / "new.jsonl").write_text("\n".join(json.dumps(r) for r in new) + "\n")
+    (tmp_path / "old.jsonl").write_text("\n".join(json.dumps(r) for r in old + [twin]) + "\n")
+    out = tmp_path / "out"
+    # the demo's test file: its protein_name / yes_no rows stay, EC and reaction come from the temporal sets
+    args = ["--data", str(repo_root / "data" / "demo" / "test.jsonl"), "--split", "temporal", "--temporal_test", str(tmp_path / "new.jsonl"), "--temporal_train",
+            str(tmp_path / "old.jsonl"), "--limit", "3", "--predictor", "retrieval_top1", "--predictor", "most_common",
+            "--out", str(out), "--bootstrap", "20", "--no_progress", "--no_identity", "--no_meteor"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    tasks = metrics["tasks"]
+    assert set(tasks) == {"protein_name", "yes_no", "ec_number", "reaction"}
+    assert metrics["header"]["split"] == "temporal" and "New-392" in tasks["ec_number"]["split"]
+    assert tasks["protein_name"]["split"] == "all rows of --data" and tasks["ec_number"]["n"] == 3
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    ec_rows = {r["id"]: r for r in rows if r["task"] == "ec_number"}
+    assert set(ec_rows) == {r["accession"] for r in new}
+    assert ec_rows[new[0]["accession"]]["predictions"]["retrieval_top1"] == "9.9.9.9"
+    reaction = next(r for r in rows if r["task"] == "reaction" and r["id"] == new[0]["accession"])
+    assert reaction["predictions"]["retrieval_top1"] == "A = B"
+    most = Counter("; ".join(r["ec"]) for r in old + [twin]).most_common(1)[0][0]
+    assert ec_rows[new[1]["accession"]]["predictions"]["most_common"] == most
+    table = summarise_metrics(metrics, model_name="none")
+    print_table(table)
+    printed = capsys.readouterr().out
+    assert "split of ec_number, reaction: temporal" in printed and table["split"] == "temporal"
+    with pytest.raises(SystemExit, match="has none"):
+        main(args[:6] + ["--predictor", "most_common", "--task", "function_text", "--out", str(tmp_path / "x")])
