@@ -370,6 +370,18 @@ class ProtLLMCompileTest(unittest.TestCase):
             compiled = torch.compile(model.forward, fullgraph=True, backend="eager")(**inputs).logits
         torch.testing.assert_close(compiled, eager)
 
+    def test_torch_export_matches_eager(self):
+        """`torch.export` of the forward (what transformers' ExportTesterMixin checks; that mixin is not in the sdist):
+        no data-dependent Python branch on the protein path, and the exported program gives the eager logits."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        model = ProtLLMForConditionalGeneration(config).eval()
+        inputs = {key: value for key, value in inputs.items() if value is not None}
+        with torch.no_grad():
+            eager = model(**inputs, use_cache=False).logits
+            program = torch.export.export(model, args=(), kwargs={**inputs, "use_cache": False}, strict=False)
+            exported = program.module()(**inputs, use_cache=False).logits
+        torch.testing.assert_close(exported, eager)
+
     def test_static_cache_compiled_generate_matches_dynamic(self):
         from transformers import CompileConfig
 
