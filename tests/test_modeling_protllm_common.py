@@ -11,7 +11,7 @@ transformers' `GenerationTesterMixin` and `ExportTesterMixin` are not in the tra
 tests/transformers_common/README.md). Written here instead: `ProtLLMGenerationTest` (the generate() contracts the mixin
 checks: dict outputs, sampling, beam search, stopping, continuing a cache, inputs_embeds), `ProtLLMGenerationChecks`
 (assisted decoding == greedy, prompt lookup, static cache, logits_to_keep) and `ProtLLMCompileTest`
-(`torch.compile(fullgraph=True)`). transformers' `test_torch_export_*` are not run (ExportTesterMixin not vendored).
+(`torch.compile(fullgraph=True)`, `torch.export`).
 """
 
 import copy
