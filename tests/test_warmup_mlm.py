@@ -119,3 +119,19 @@ def test_caption_share_is_a_recipe_key():
     from protllm.training.recipe import STAGE_KEYS
 
     assert "caption_share" in STAGE_KEYS
+
+
+def test_warmup_collator_keeps_a_repeated_caption_out_of_the_contrastive_loss():
+    """Two proteins captioned "Yes." in one batch would each be the other's false negative under the CLIP loss: the
+    second one (case and spacing aside) is MLM-only; distinct captions stay paired."""
+    _, processor = build_tiny_protllm()
+    collator = WarmupCollator(processor)
+
+    def row(sequence, answer):
+        return {"id": sequence, "messages": [
+            {"role": "user", "content": [{"type": "protein", "sequence": sequence}, {"type": "text", "text": "Is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    batch = collator([row("MKVL", "Yes."), row("MAAG", "Kinase."), row("MTTE", " yes. "), {"sequence": "MQQR"}])
+    assert batch["caption_present"].tolist() == [True, True, False, False]
+    assert "caption_present" not in collator([row("MKVL", "Yes."), row("MAAG", "No.")])

@@ -153,6 +153,11 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
         trainer.train(resume_from_checkpoint=resume)
         steps = max(trainer.state.global_step, 1)
         summary["warmup_losses"] = {k: v / steps for k, v in wrapper.loss_parts.items()}
+        if wrapper.contrastive_record:  # the last quarter of the batches against chance (ln of each batch's pairs)
+            last = wrapper.contrastive_record[-max(len(wrapper.contrastive_record) // 4, 1):]
+            summary["contrastive_last_quarter"] = {"loss": round(sum(x for x, _ in last) / len(last), 4),
+                                                   "chance": round(sum(c for _, c in last) / len(last), 4),
+                                                   "batches": len(last)}
         summary["cropped_proteins"] = warmup_collator.cropped
         if held_out:
             summary["mlm_perplexity"]["after"] = mlm_perplexity(wrapper, processor, held_out, max_length=max_length)

@@ -149,6 +149,7 @@ class WarmupModel(nn.Module):
         self.noise_std = noise_std
         self.mask_ratio = mask_ratio
         self.loss_parts = Counter()
+        self.contrastive_record = []  # (loss, ln(pairs)) per batch: chance level is ln of the batch's caption pairs
         self.pretrained_mlm_head = False  # set by run_stage when ESM's pretrained head was loaded
         encoder = protllm.model.protein_encoder
         heads.to(dtype=next(encoder.parameters()).dtype)  # one dtype with the encoder (AMP upcasts trained ones)
@@ -220,6 +221,7 @@ class WarmupModel(nn.Module):
                 text_pooled = (caption * caption_mask).sum(1) / caption_mask.sum(1).clamp(min=1)
             head_dtype = self.heads.protein_proj.weight.dtype
             losses["contrastive"] = self.heads.contrastive_loss(pooled.to(head_dtype), text_pooled.to(head_dtype))
+            self.contrastive_record.append((float(losses["contrastive"].detach()), math.log(len(pooled))))
         if noise is not None:
             residues = states.shape[1]
             ca_mask = protein_coord_mask[:, :residues].bool() & residue_mask
@@ -317,13 +319,13 @@ class WarmupCollator:
 
     def __call__(self, rows):
         proteins, captions, captioned = [], [], []
+        seen_captions = set()
         for row in rows:
             if "messages" not in row and row.get("sequence"):  # an MLM-only sequence (see `mlm_corpus`)
                 proteins.append(row["sequence"])
                 captions.append(" ")
                 captioned.append(False)
                 continue
-            captioned.append(True)
             messages = rows_to_messages(row)
             _, row_proteins = self.processor.split_messages(messages)
             if not row_proteins:
@@ -333,6 +335,11 @@ class WarmupCollator:
             text = answer["content"] if answer and isinstance(answer["content"], str) else " ".join(
                 (b.get("text") or "") for b in (answer or {}).get("content", []))
             captions.append(text or " ")
+            # A caption already in the batch ("Yes.", a repeated EC number) would be a false negative for the CLIP loss,
+            # which takes every other caption of the batch as wrong: its protein joins the MLM-only ones instead.
+            key = " ".join(text.lower().split())
+            captioned.append(bool(key) and key not in seen_captions)
+            seen_captions.add(key)
         proteins = [self._crop(p) for p in proteins]
         prepared = [self.processor.prepare_protein(p, i) for i, p in enumerate(proteins)]
         batch = {k: torch.as_tensor(v) for k, v in self.processor._protein_tensors(prepared).items()}
