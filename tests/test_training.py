@@ -312,11 +312,16 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_weights(tmp_path, yeast_
 def test_two_process_ddp_run_on_cpu(tmp_path, yeast_rows):
     stages = [{"name": "align", "training": {"max_steps": 6, "per_device_train_batch_size": 4}}]
     recipe = write_recipe(tmp_path / "recipe.yaml", stages, yeast_rows)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "cpu_ddp_2proc.yaml"), "--dynamo_backend", "no",
                str(REPO / "train_sft.py"), "--config", str(recipe), "--no_eval"]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     curve = losses(tmp_path / "out", "align")
     assert len(curve) == 6 and curve[-1] < curve[0]
+    # Two ranks really ran: each step consumed 2 x 4 rows, so 6 steps are 48 rows (one epoch of the 48 yeast rows);
+    # one process would have read half of them (epoch 0.5).
+    rows = len(yeast_rows.read_text().splitlines())
+    history = json.loads((tmp_path / "out" / "stages" / "align" / "log_history.json").read_text())
+    assert history[-1]["epoch"] == pytest.approx(6 * 2 * 4 / rows), (rows, history[-1])
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
