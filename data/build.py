@@ -15,8 +15,10 @@ temp dir and renamed) with README.md dataset card and build_summary.json; --push
 
 Large inputs (Swiss-Prot, 500k+ proteins): ``--num-proc N`` streams. The main process reads and validates the
 proteins (one global duplicate check) and spills them to disk in shards of ``--shard-proteins`` proteins per
-split; N worker processes turn shards into records straight into Arrow (``datasets.Dataset.from_generator``), and
-the dataset is saved in Arrow shards of at most ``--max-shard-size``. Memory stays bounded by one shard per process
+split, and hands each shard to a pool of N worker processes as soon as it is written (reading overlaps building);
+a worker turns its shard into records and writes them to one Arrow file in columnar batches
+(``ArrowWriter.write_batch``, ``--writer-batch-rows``); each split is the concatenation of its shards' files, in
+order, saved in Arrow shards of at most ``--max-shard-size``. Memory stays bounded by one shard per process
 (plus the set of accessions seen). The result does not depend on N: shard boundaries depend only on
 ``--shard-proteins``, and the multiple-choice / yes-no distractor pools are drawn within a shard (so a streaming
 build differs from a non-streaming one by those pools, and is equal for every N). Needs ``--split given``
@@ -33,7 +35,14 @@ import time
 from pathlib import Path
 
 from . import readers
-from .builders import TASKS, BuildStats, build_records, ec_class_labels, go_mf_labels, validate_proteins
+from .builders import (
+    TASKS,
+    BuildStats,
+    build_records,
+    ec_and_go_mf_labels,
+    validate_proteins,
+    write_shard_arrow,
+)
 from .card import make_card, push_to_hub, save_atomic, to_dataset_dict
 from .mmseqs import mmseqs_version
 from .splits import cluster_split, identity_report, purge_leakage, temporal_split
@@ -63,10 +72,6 @@ LICENCES = {
     "instructions": "see source",
     "sepit": "see source",
 }
-
-
-def _yes_no_labels(p: dict) -> set[str]:
-    return ec_class_labels(p) | go_mf_labels(p)
 
 
 def load_sources(args, stats: BuildStats) -> list[tuple[str, str, list[dict]]]:
@@ -173,7 +178,7 @@ def build(args) -> dict:
             by_split.setdefault(assign[p["accession"]], []).append(p)
         for split, ps in sorted(by_split.items()):
             rows = build_records(ps, split, tasks, seed=args.seed, source=kind, stats=stats,
-                                 mcqa_permutations=args.mcqa_permutations, yes_no_label_fn=_yes_no_labels)
+                                 mcqa_permutations=args.mcqa_permutations, yes_no_label_fn=ec_and_go_mf_labels)
             records.setdefault(split, []).extend(rows)
     for path in args.instructions or []:
         for r in readers.read_instruction_file(path, stats):
@@ -207,27 +212,20 @@ def build(args) -> dict:
     return summary
 
 
-def _shard_records(shard_files: list[str], tasks_by_kind: dict, seed: int, mcqa_permutations: int):
-    """Worker side of the streaming build: records of each protein shard (JSONL written by `build_streaming`), in
-    shard order; the shard's counters go to `<shard>.stats.json` for the main process to merge."""
-    for shard in shard_files:
-        kind, split = Path(shard).name.split(".")[:2]
-        with open(shard) as handle:
-            proteins = [json.loads(line) for line in handle]
-        stats = BuildStats()
-        yield from build_records(proteins, split, tasks_by_kind[kind], seed=seed, source=kind, stats=stats,
-                                 mcqa_permutations=mcqa_permutations, yes_no_label_fn=_yes_no_labels)
-        Path(shard + ".stats.json").write_text(json.dumps(stats.as_dict()))
-
-
 def build_streaming(args) -> dict:
-    """`build` for inputs too large for memory (see the module docstring): `--num-proc`, `--shard-proteins`."""
+    """`build` for inputs too large for memory (see the module docstring): `--num-proc`, `--shard-proteins`.
+
+    The main process reads and validates while the workers build: each protein shard is handed to a pool of
+    ``--num-proc`` worker processes as soon as it is spilled, and each worker writes its shard's records to one
+    Arrow file. A split is the concatenation of its shards' Arrow files in spill order (memory-mapped), saved with
+    `save_to_disk(num_proc=..., max_shard_size=...)`, so neither the proteins nor the rows are ever all in memory.
+    """
+    import multiprocessing
     import shutil
     import tempfile
+    from concurrent.futures import ProcessPoolExecutor
 
     import datasets
-
-    from .card import FEATURES
 
     if args.split != "given":
         raise SystemExit(f"--num-proc streams with --split given only (got --split {args.split}): "
@@ -237,8 +235,12 @@ def build_streaming(args) -> dict:
     t0 = time.time()
     stats = BuildStats()
     wanted = set(args.tasks.split(",")) if args.tasks else None
+    tasks_by_kind = {kind: [t for t in SOURCE_TASKS[kind] if wanted is None or t in wanted] for kind in SOURCE_TASKS}
     work = Path(tempfile.mkdtemp(prefix=".protllm-build-", dir=Path(args.out).resolve().parent if args.out else None))
-    shards: dict[str, list[str]] = {}
+    # split -> [(Arrow file, future of (rows, stats))] in spill order: the order of the rows does not depend on N.
+    shards: dict[str, list] = {}
+    # spawn, not fork: the main process holds the set of accessions (and pyarrow's threads) when workers start.
+    pool = ProcessPoolExecutor(max_workers=args.num_proc, mp_context=multiprocessing.get_context("spawn"))
     try:
         seen: set[str] = set()  # the one global structure: the accessions kept so far (first one wins, as in `build`)
         spec = [("yeast", args.yeast, readers.read_yeast_function), ("clean", args.clean, readers.read_clean_ec),
@@ -247,18 +249,19 @@ def build_streaming(args) -> dict:
                 ("uniprot_tsv", args.uniprot_tsv, readers.read_uniprot_tsv),
                 ("uniprot_json", args.uniprot_json, readers.read_uniprot_json), ("fasta", args.fasta, readers.read_fasta)]
         sources = []
+
+        def spill(kind: str, split: str, proteins: list[dict]) -> None:
+            name = work / f"{sum(len(f) for f in shards.values()):06d}.{kind}.{split}"
+            Path(f"{name}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in proteins))
+            future = pool.submit(write_shard_arrow, f"{name}.jsonl", f"{name}.arrow", split, kind,
+                                 tasks_by_kind[kind], args.seed, args.mcqa_permutations, args.writer_batch_rows)
+            shards.setdefault(split, []).append((f"{name}.arrow", future))
+
         for kind, paths, read in spec:
             for path in paths or []:
                 sources.append((kind, str(path)))
                 source_stats = BuildStats()
                 pending: dict[str, list[dict]] = {}
-                counter = {"n": 0}
-
-                def spill(split: str) -> None:
-                    name = work / f"{kind}.{split}.{counter['n']:06d}.jsonl"
-                    counter["n"] += 1
-                    name.write_text("".join(json.dumps(q) + "\n" for q in pending.pop(split)))
-                    shards.setdefault(split, []).append(str(name))
 
                 for protein in read(path, source_stats):
                     protein["source"] = protein.get("source") or kind
@@ -273,24 +276,20 @@ def build_streaming(args) -> dict:
                     seen.add(kept[0]["accession"])
                     pending.setdefault(split, []).append(kept[0])
                     if len(pending[split]) >= args.shard_proteins:
-                        spill(split)
+                        spill(kind, split, pending.pop(split))
                 for split in sorted(pending):
-                    spill(split)
+                    spill(kind, split, pending.pop(split))
                 for key, value in source_stats.counts.items():
                     stats.add(f"{kind}:{key}", n=value)
-        tasks_by_kind = {kind: [t for t in SOURCE_TASKS[kind] if wanted is None or t in wanted] for kind in SOURCE_TASKS}
         splits = {}
         for split, files in sorted(shards.items()):
-            # One generator job per shard list slice; datasets keeps the shards' order whatever num_proc is.
-            splits[split] = datasets.Dataset.from_generator(
-                _shard_records, features=FEATURES, cache_dir=str(work / "cache"), num_proc=min(args.num_proc, len(files)),
-                gen_kwargs={"shard_files": files, "tasks_by_kind": tasks_by_kind, "seed": args.seed,
-                            "mcqa_permutations": args.mcqa_permutations},
-                keep_in_memory=False)
-            for shard in files:
-                shard_stats = json.loads(Path(shard + ".stats.json").read_text())
+            for _, future in files:
+                _, shard_stats = future.result()  # a worker's exception is raised here
                 for key, value in shard_stats["counts"].items():
                     stats.add(key, n=value)
+            parts = [datasets.Dataset.from_file(arrow) for arrow, _ in files]
+            splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        pool.shutdown()
         dd = datasets.DatasetDict(splits)
         method = (f"Splits as given by the sources; streaming build in shards of {args.shard_proteins} proteins "
                   "(multiple-choice and yes/no distractors drawn within a shard).")
@@ -310,12 +309,13 @@ def build_streaming(args) -> dict:
                         num_proc=args.num_proc, max_shard_size=args.max_shard_size)
             if args.push_to_hub:
                 push_to_hub(args.out, args.push_to_hub, private=not args.public)
-            # The saved copy, memory-mapped: the working cache below is about to go.
+            # The saved copy, memory-mapped: the working files below are about to go.
             dd = datasets.load_from_disk(str(args.out))
         summary["_dataset"] = dd
         summary["_card"] = card
         return summary
     finally:
+        pool.shutdown(cancel_futures=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -352,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
                     help="stream large inputs: build records in this many processes (see the module docstring)")
     ap.add_argument("--shard-proteins", type=int, default=10000, help="proteins per shard of a streaming build")
     ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow file of the saved dataset")
+    ap.add_argument("--writer-batch-rows", type=int, default=1000,
+                    help="rows per Arrow write of a streaming build (memory per worker: one shard's rows)")
     return ap
 
 
@@ -359,6 +361,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.num_proc is not None and args.num_proc < 1:
         raise SystemExit(f"--num-proc must be >= 1, got {args.num_proc}")
+    if args.writer_batch_rows < 1:
+        raise SystemExit(f"--writer-batch-rows must be >= 1, got {args.writer_batch_rows}")
     summary = build_streaming(args) if args.num_proc else build(args)
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("_")}, indent=1, sort_keys=True))
     return 0

@@ -368,6 +368,11 @@ def go_mf_labels(p: dict) -> set[str]:
     return {f"a protein with {t['name']}" for t in (p.get("go") or {}).get("MF", []) or [] if t.get("name")}
 
 
+def ec_and_go_mf_labels(p: dict) -> set[str]:
+    """The yes/no labels of `python -m data.build`: EC classes and GO molecular functions."""
+    return ec_class_labels(p) | go_mf_labels(p)
+
+
 def yes_no(
     proteins: list[dict], split: str, seed: int, source: str, stats: BuildStats,
     label_fn: Callable[[dict], set[str]] = ec_class_labels, max_pos_per_protein: int = 1,
@@ -436,3 +441,39 @@ def build_records(
         seen.add(r["id"])
     stats.add(f"records:{split}", n=len(out))
     return out
+
+
+def write_shard_arrow(
+    shard: str, arrow_path: str, split: str, source: str, tasks: list[str], seed: int = 0,
+    mcqa_permutations: int = 1, batch_rows: int = 1000,
+) -> tuple[int, dict]:
+    """One protein shard (JSONL, one protein per line) -> its records in one Arrow file (a streaming build's worker).
+
+    The records (:func:`build_records` with :func:`ec_and_go_mf_labels` yes/no labels) are written in columnar
+    batches of ``batch_rows`` rows with ``datasets``' ``ArrowWriter.write_batch``: one Arrow conversion per batch
+    and column, instead of ``Features.encode_example`` + ``write`` per row (two thirds of the build's time). Records
+    are plain str/None/list/dict, for which encoding is the identity, so the Arrow table is the same. The JSONL
+    shard is deleted once written. Returns (rows written, the shard's ``BuildStats.as_dict()``).
+    """
+    from pathlib import Path
+
+    from datasets.arrow_writer import ArrowWriter
+
+    from .card import FEATURES
+
+    with open(shard) as handle:
+        proteins = [json.loads(line) for line in handle]
+    stats = BuildStats()
+    records = build_records(proteins, split, tasks, seed=seed, source=source, stats=stats,
+                            mcqa_permutations=mcqa_permutations, yes_no_label_fn=ec_and_go_mf_labels)
+    del proteins
+    writer = ArrowWriter(features=FEATURES, path=arrow_path)
+    try:
+        for start in range(0, len(records), batch_rows):
+            batch = records[start:start + batch_rows]
+            writer.write_batch({column: [record[column] for record in batch] for column in FEATURES})
+        rows, _ = writer.finalize()
+    finally:
+        writer.close()
+    Path(shard).unlink()  # the spilled proteins are no longer needed: disk holds about one copy of the input
+    return rows, stats.as_dict()

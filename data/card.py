@@ -70,8 +70,10 @@ def task_counts(dd: datasets.DatasetDict) -> dict[str, dict[str, int]]:
     out = {}
     for split, ds in dd.items():
         c: dict[str, int] = {}
-        for t in ds["task"]:
-            c[t] = c.get(t, 0) + 1
+        # column batches, not rows: a row-by-row walk of a 2M-row dataset took minutes
+        for batch in ds.select_columns(["task"]).iter(batch_size=10_000):
+            for t in batch["task"]:
+                c[t] = c.get(t, 0) + 1
         out[split] = dict(sorted(c.items()))
     return out
 

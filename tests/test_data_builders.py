@@ -116,3 +116,35 @@ def test_bad_inputs_counted(shared_data):
     assert s.counts["empty_annotation:function_text"] == 2
     assert len(kept) + sum(s.counts[k] for k in ("duplicate_accession", "invalid_letters", "empty_sequence",
                                                   "missing_accession", "too_long")) == len(good + bad)
+
+
+def test_shard_written_in_arrow_batches_equals_row_by_row_dataset(tmp_path, shared_data):
+    """A streaming build's worker writes columnar batches (`ArrowWriter.write_batch`); the table must be the one
+    `datasets` builds row by row (`Features.encode_example`), across batch boundaries and for an empty shard."""
+    import datasets
+
+    from data.builders import ec_and_go_mf_labels, write_shard_arrow
+    from data.card import FEATURES
+
+    proteins = validate_proteins(islice(readers.read_yeast_function(shared_data / "function/yeast_function.jsonl"), 60),
+                                 BuildStats())
+    tasks = ["function_text", "function_mcqa", "protein_name", "ec_number", "reaction", "yes_no"]
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text("".join(json.dumps(p) + "\n" for p in proteins))
+    rows, stats = write_shard_arrow(str(shard), str(tmp_path / "shard.arrow"), "train", "yeast", tasks, seed=3,
+                                    batch_rows=7)
+    assert not shard.exists()  # the spilled proteins are deleted once written
+    expected_stats = BuildStats()
+    records = build_records(proteins, "train", tasks, seed=3, source="yeast", stats=expected_stats,
+                            yes_no_label_fn=ec_and_go_mf_labels)
+    assert rows == len(records) > 7 * 10 and stats == expected_stats.as_dict()
+    batched = datasets.Dataset.from_file(str(tmp_path / "shard.arrow"))
+    row_by_row = datasets.Dataset.from_generator(lambda: iter(records), features=FEATURES,
+                                                 cache_dir=str(tmp_path / "cache"))
+    assert batched.features == row_by_row.features == FEATURES
+    assert batched.data.table.equals(row_by_row.data.table)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(dict(proteins[0], description="", name="", ec=[])) + "\n")
+    assert write_shard_arrow(str(empty), str(tmp_path / "empty.arrow"), "train", "yeast", ["function_text"])[0] == 0
+    assert datasets.Dataset.from_file(str(tmp_path / "empty.arrow")).features == FEATURES
