@@ -178,6 +178,23 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
                 attn_implementation = requested
         return super().set_attn_implementation(attn_implementation, **kwargs)
 
+    def initialize_weights(self):
+        # Under DeepSpeed ZeRO-3 (`zero.Init`), the LLM that `AutoModel.from_config` builds inside `__init__` is
+        # already partitioned (every rank holds empty shards) and initialised by transformers' ZeRO-3 variant, which
+        # marks modules initialised on rank 0 only: the plain re-init of our `post_init` would index empty tensors on
+        # the other ranks. Use that same variant (gather each module, initialise on rank 0, broadcast).
+        if any(hasattr(param, "ds_id") for param in self.parameters()):
+            from transformers.integrations.deepspeed import initialize_weights_zero3
+
+            initialize_weights_zero3(self)
+            # It initialises the modules built outside `zero.Init` (encoder, projector, LM head) on rank 0 only:
+            # give every rank rank 0's values now (DeepSpeed would only do so when the trainer wraps the model).
+            for param in self.parameters():
+                if not hasattr(param, "ds_id"):
+                    torch.distributed.broadcast(param.data, src=0)
+            return
+        super().initialize_weights()
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # Rebuild what the generic initialiser does not know (meta-device init leaves it uninitialised).

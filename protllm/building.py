@@ -33,6 +33,34 @@ def resolve_dtype(dtype) -> torch.dtype | str | None:
     return resolved
 
 
+def _built_whole_under_zero3(build):
+    """Run `build` with transformers' DeepSpeed ZeRO-3 integration switched off, then on again.
+
+    Once a ZeRO-3 SFTConfig is parsed, transformers builds every model inside `deepspeed.zero.Init` (partitioned
+    into empty placeholders as it is built). `build_protllm` assigns the loaded LLM's tensors into a meta-device
+    ProtLLM skeleton, which needs them whole. So under ZeRO-3 the ProtLLM is built whole on each rank (host memory:
+    one full copy per process during the build, as without ZeRO-3) and DeepSpeed partitions it when the trainer
+    wraps it, broadcasting rank 0's values. A null change without ZeRO-3.
+    """
+    import functools
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        if not hf_deepspeed.is_deepspeed_zero3_enabled():
+            return build(*args, **kwargs)
+        config_ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored below
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            return build(*args, **kwargs)
+        finally:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = config_ref
+
+    return wrapper
+
+
+@_built_whole_under_zero3
 def build_protllm(
     language_model: str,
     protein_encoder: str | None = None,
@@ -107,7 +135,7 @@ def build_protllm(
 
     processor = ProtLLMProcessor.from_tokenizers(tokenizer, protein_tokenizer, **(processor_kwargs or {}))
     if len(processor.tokenizer) > llm.config.vocab_size:
-        # ZeRO-3-safe as is: transformers gathers the partitioned embeddings (GatheredParameters) inside the resize.
+        # Whole tensors even under ZeRO-3 (see _built_whole_under_zero3); transformers' resize gathers them otherwise.
         llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
 
     config = ProtLLMConfig(
@@ -297,16 +325,21 @@ def model_parameter_counts(model) -> dict[str, int]:
     """Total and per-token active parameters, per part (MoE: one routed expert per token and top-k)."""
     counts = parameter_counts(model.named_parameters())
     language_model = protllm_core(model).language_model
-    inactive = sum(p.numel() for p in language_model.parameters()) - active_parameter_count(language_model)
+    inactive = sum(_numel(p) for p in language_model.parameters()) - active_parameter_count(language_model)
     counts["language_model_active_per_token"] = counts["language_model"] - inactive
     return counts
 
 
+def _numel(param) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it into an empty placeholder."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def active_parameter_count(language_model: nn.Module) -> int:
     """Parameters one token passes through: routers + top_k experts per MoE block + everything else."""
-    total = sum(param.numel() for name, param in language_model.named_parameters() if ".experts." not in name)
+    total = sum(_numel(param) for name, param in language_model.named_parameters() if ".experts." not in name)
     for block in moe_blocks(language_model):
-        total += block.top_k * sum(p.numel() for p in block.experts[0].parameters())
+        total += block.top_k * sum(_numel(p) for p in block.experts[0].parameters())
     return total
 
 

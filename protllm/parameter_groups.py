@@ -63,6 +63,6 @@ def parameter_counts(named_tensors) -> dict[str, int]:
     """
     counts = dict.fromkeys(PARTS, 0)
     for name, tensor in named_tensors:
-        counts[part_of(name)] += tensor.numel()
+        counts[part_of(name)] += getattr(tensor, "ds_numel", tensor.numel())  # a ZeRO-3 placeholder is empty
     counts["total"] = sum(counts[p] for p in PARTS)
     return counts

@@ -22,6 +22,8 @@ def upcast_trainable_parameters(model, args) -> torch.dtype | None:
     Without AMP, half-precision trainable parameters train as they are (pure bf16): logged as a warning.
     Returns the dtype the trained parameters had (to cast back after training, see `restore_model_dtype`), or None.
     """
+    if getattr(args, "deepspeed_plugin", None) is not None and (args.bf16 or args.fp16):
+        return _deepspeed_half_parameters(model, torch.bfloat16 if args.bf16 else torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
     half = [p for p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
     if not half:
@@ -42,6 +44,23 @@ def upcast_trainable_parameters(model, args) -> torch.dtype | None:
     else:
         logger.warning("training %d parameter tensors in pure %s (no AMP: bf16/fp16 are off): small updates round away",
                        len(half), original)
+    return original
+
+
+def _deepspeed_half_parameters(model, half: torch.dtype) -> torch.dtype | None:
+    """DeepSpeed's mixed precision: the engine keeps the fp32 master weights of the trained parameters itself and
+    runs the module in `half` without autocast, so every parameter must be `half`. Under ZeRO-3 the LLM that
+    `zero.Init` built already is; modules built outside it (projector, encoder, LM head) are converted to ZeRO-3
+    parameters without a cast, and a bf16 activation would then meet an fp32 weight. Cast those here.
+    Returns the dtype they had (restored after training, see `restore_model_dtype`), or None."""
+    plain = [p for p in model.parameters() if p.is_floating_point() and not hasattr(p, "ds_id") and p.dtype != half]
+    if not plain:
+        return None
+    original = plain[0].dtype
+    for param in plain:
+        param.data = param.data.to(half)
+    logger.info("DeepSpeed mixed precision: %d parameter tensors cast from %s to %s (DeepSpeed holds the fp32 master "
+                "weights)", len(plain), original, half)
     return original
 
 
@@ -107,22 +126,42 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
 
 
 def unsharded_copy(trainer, trained_model, rebuild):
-    """After an FSDP run: the trained weights in a fresh, unsharded module (FSDP2 turned `trained_model`'s parameters
-    into DTensor shards in place; saving, LoRA merging and the next stage need plain tensors).
+    """After an FSDP or DeepSpeed ZeRO-3 run: the trained weights in a fresh, unsharded module. FSDP2 turned
+    `trained_model`'s parameters into DTensor shards in place, and ZeRO-3 into empty placeholders (each rank keeps
+    its partition inside DeepSpeed); saving, LoRA merging and the next stage need plain tensors.
 
     `rebuild()` returns an unsharded module of the same structure (a ProtLLM, or a PEFT model around one). Every
     rank gathers the full tensors one at a time (a collective: all ranks call this in the same order), so peak extra
     device memory is one tensor; the copy lives on the CPU. Returns `trained_model` itself when it is not sharded.
     """
-    if not getattr(trainer, "is_fsdp_enabled", False):
+    zero3 = getattr(trainer, "is_deepspeed_enabled", False) and any(hasattr(p, "ds_id") for p in trained_model.parameters())
+    if not getattr(trainer, "is_fsdp_enabled", False) and not zero3:
         return trained_model
+    from contextlib import nullcontext
+
     from torch.distributed.tensor import DTensor
     from transformers.initialization import no_init_weights
 
+    partitioned = {name: param for name, param in trained_model.named_parameters(remove_duplicate=False) if hasattr(param, "ds_id")}
     full = {}
     for name, tensor in trained_model.state_dict().items():
-        full[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
-    with no_init_weights():  # every weight is overwritten below
+        if name in partitioned:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([partitioned[name]]):
+                full[name] = partitioned[name].data.detach().clone().cpu()
+        else:
+            full[name] = (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
+    # Under ZeRO-3, transformers would build the copy's LLM inside `zero.Init` (partitioned again); its own guard
+    # against nested `zero.Init` keeps the copy whole (the next trainer partitions it when it wraps it).
+    if zero3:
+        from transformers.modeling_utils import set_zero3_state
+
+        whole = set_zero3_state()
+        logger.info("DeepSpeed ZeRO-3: %d parameter tensors gathered from their partitions into an unsharded copy", len(partitioned))
+    else:
+        whole = nullcontext()
+    with no_init_weights(), whole:  # every weight is overwritten below
         copy = rebuild()
     # assign: the gathered tensors keep their dtypes (fp32 master weights beside bf16 frozen ones, restored by the
     # caller); state_dict() lists tied weights under both names, so the tie is remade after.
@@ -154,6 +193,12 @@ def make_sft_trainer(model, processor, args, train_dataset, collator, part_learn
         use_fused_lm_head = fused_lm_head
 
         def create_accelerator_and_postprocess(self):
+            from accelerate.state import AcceleratorState
+
+            if AcceleratorState._shared_state and getattr(AcceleratorState(), "deepspeed_plugins", None):
+                # One trainer per stage: accelerate refuses a second Accelerator given a DeepSpeed plugin while the
+                # first one's state lives. The previous stage is finished; forget its state (the process group stays).
+                AcceleratorState._reset_state()
             super().create_accelerator_and_postprocess()
             if enable_fsdp_on_cpu(self.accelerator):
                 self.is_fsdp_enabled = True
