@@ -206,7 +206,8 @@ ZERO3_CONFIG = REPO / "configs" / "accelerate" / "deepspeed_zero3_cpu_2proc.yaml
 
 def test_deepspeed_zero3_trains_every_stage_kind_on_two_cpu_processes(tmp_path, yeast_rows):
     """ZeRO-3 (DeepSpeed's CPU accelerator, gloo) as a user launches it, with `zero.Init` on and bf16: the LLM is
-    built partitioned, and every stage hands the next one an unsharded copy. `align` (frozen encoder), `instruct` (LLM in
+    built partitioned, and every stage hands the next one an unsharded copy. `warmup` (the encoder's SEPIT losses),
+    `align` (frozen encoder, the warm-up's weights), `instruct` (LLM in
     full), then `moe` upcycled from the instruct stage's gathered weights, with LoRA and routers trained in full (their
     logits and loss through re-entrant activation checkpointing). The experts are frozen under LoRA, so each must still equal the dense block it was
     copied from, bit for bit (a copy of ZeRO-3's empty placeholders could not)."""
@@ -218,6 +219,7 @@ def test_deepspeed_zero3_trains_every_stage_kind_on_two_cpu_processes(tmp_path, 
     recipe_path = _recipe(tmp_path, yeast_rows)
     recipe = yaml.safe_load(recipe_path.read_text())
     recipe["stages"] = [
+        {"name": "warmup", "training": {"max_steps": 2, "per_device_train_batch_size": 4}},
         {"name": "align", "training": {"max_steps": 1}},
         {"name": "instruct", "training": {"max_steps": 1}},
         {"name": "moe", "moe": {"num_experts": 2, "top_k": 1}, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
@@ -236,10 +238,11 @@ def test_deepspeed_zero3_trains_every_stage_kind_on_two_cpu_processes(tmp_path, 
     assert log.count("DeepSpeed ZeRO-3: ") == 2 * len(recipe["stages"]), log[-3000:]
 
     out = tmp_path / "out"
+    warmup = load_file(out / "stages" / "warmup" / "model" / "model.safetensors")
     align = load_file(out / "stages" / "align" / "model" / "model.safetensors")
     instruct = load_file(out / "stages" / "instruct" / "model" / "model.safetensors")
     final = load_file(out / "model" / "model.safetensors")
-    for weights in (align, instruct, final):  # no empty placeholder saved in place of a weight
+    for weights in (warmup, align, instruct, final):  # no empty placeholder saved in place of a weight
         assert all(w.numel() > 0 and torch.isfinite(w).all() for w in weights.values())
         assert {w.dtype for w in weights.values()} == {torch.float32}  # as built: bf16 was DeepSpeed's compute dtype
     embedding = "model.language_model.embed_tokens.weight"  # partitioned (above ZeRO-3's persistence threshold)
@@ -247,7 +250,7 @@ def test_deepspeed_zero3_trains_every_stage_kind_on_two_cpu_processes(tmp_path, 
     assert not torch.equal(align[embedding], instruct[embedding])  # trained in instruct
     assert torch.equal(instruct[embedding], final[embedding])  # frozen under LoRA
     encoder = "model.protein_encoder.esm.embeddings.word_embeddings.weight"
-    assert torch.equal(align[encoder], instruct[encoder])
+    assert torch.equal(warmup[encoder], align[encoder]) and torch.equal(align[encoder], instruct[encoder])
     for layer in range(2):
         for expert in range(2):
             for proj in ("gate_proj", "up_proj", "down_proj"):

@@ -11,6 +11,7 @@ the frozen-encoder feature cache. `run_stage` runs any of them the same way and 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -95,6 +96,13 @@ def _lora_model(model, spec: dict):
     ))
 
 
+def _fresh_protllm(config, generation_config) -> ProtLLMForConditionalGeneration:
+    """An unsharded ProtLLM of `config` for `unsharded_copy` to fill with the trained weights."""
+    fresh = ProtLLMForConditionalGeneration(config)
+    fresh.generation_config = generation_config
+    return fresh
+
+
 def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, output_dir: Path, *, max_length=None,
               resume=None, freeze_encoder_after: bool = True):
     """Train one stage and save `<output_dir>/stages/<name>/model`. Returns `(model, log_history, summary)`."""
@@ -164,6 +172,9 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
             logger.info("[warmup] encoder MLM perplexity on %d held-out sequences: %.2f before -> %.2f after "
                         "(residue frequencies alone: %.2f)", len(held_out), summary["mlm_perplexity"]["before"]["perplexity"],
                         summary["mlm_perplexity"]["after"]["perplexity"], summary["mlm_perplexity"]["unigram_reference"])
+        # FSDP / ZeRO-3 sharded the ProtLLM inside the warm-up wrapper in place: go on with an unsharded copy (a
+        # no-op otherwise), or the saved folder would hold shards (ZeRO-3: empty tensors).
+        model = unsharded_copy(trainer, model, functools.partial(_fresh_protllm, model.config, model.generation_config))
     else:
         feature_cache = None
         if stage.uses_feature_cache(stage_spec, model):
@@ -186,8 +197,7 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
             summary["feature_cache"].update(hits=feature_cache.hits, misses=feature_cache.misses)
         # FSDP sharded the parameters in place: go on with an unsharded copy (a no-op without FSDP).
         def rebuild(config=model.config, generation_config=model.generation_config):
-            fresh = ProtLLMForConditionalGeneration(config)
-            fresh.generation_config = generation_config
+            fresh = _fresh_protllm(config, generation_config)
             return _lora_model(fresh, stage_spec) if stage.uses_lora(stage_spec) else fresh
 
         train_model = unsharded_copy(trainer, train_model, rebuild)

@@ -38,7 +38,8 @@ class WarmupHeads(nn.Module):
         protein_width = protein_config.hidden_size
         self.protein_proj = nn.Linear(protein_width, proj_dim)
         self.text_proj = nn.Linear(text_width, proj_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # shape (1,), not a 0-dim scalar: DeepSpeed ZeRO-3 cannot partition a 0-dim parameter
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.pair_query = nn.Linear(protein_width, pair_dim)
         self.pair_key = nn.Linear(protein_width, pair_dim)
         self.distance_weight = nn.Sequential(nn.Linear(1, pair_dim), nn.GELU(), nn.Linear(pair_dim, 1))
