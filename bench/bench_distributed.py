@@ -30,14 +30,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PROTLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 # How each setup is launched (after `accelerate launch`), and how many processes it must train on.
-# DDP is launched through torchrun (`--multi_gpu`) and not with configs/accelerate/cpu_ddp_2proc.yaml: that config
-# (distributed_type MULTI_CPU) makes `accelerate launch` use its simple launcher, which starts ONE process unless
-# an mpirun hostfile is given, so the old "DDP 2 processes" row trained on one process (hence its token count equal
-# to the 1-process count). Under torchrun each process sees WORLD_SIZE=2 and train_sft.py's use_cpu=True, so
-# accelerate makes them MULTI_CPU ranks over gloo. The FSDP config already goes through torchrun.
+# DDP goes through configs/accelerate/cpu_ddp_2proc.yaml, whose torchrun launcher starts both ranks (an earlier
+# MULTI_CPU config started ONE process without mpirun: the old "DDP 2 processes" row trained on one process).
 SETUPS = {
     "1 process": (None, 1),
-    "DDP 2 processes": (["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    "DDP 2 processes": (["--config_file", str(REPO / "configs" / "accelerate" / "cpu_ddp_2proc.yaml"),
                          "--dynamo_backend", "no"], 2),
     "FSDP2 2 processes": (["--config_file", str(REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml")], 2),
 }
