@@ -266,6 +266,8 @@ def test_deepspeed_zero3_trains_every_stage_kind_on_two_cpu_processes(tmp_path, 
     summaries = {s["stage"]: s for s in json.loads((out / "model" / "training_args.json").read_text())["summaries"]}
     # parameter counts see through the partitions (ZeRO-3 leaves empty placeholders in the model)
     assert summaries["align"]["parameters"]["language_model"] == summaries["instruct"]["parameters"]["language_model"]
+    # instruct trains the LLM in full (+ projector): the trainable count sees through the partitions too
+    assert summaries["instruct"]["parameters"]["trainable"] > summaries["instruct"]["parameters"]["language_model"]
     printed = run_fresh_python(f"""
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(out / "model")!r}, trust_remote_code=True)

@@ -118,7 +118,7 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
     parts = stage.trained_parts(stage_spec)
     set_trainable(model, parts)
     counts = model_parameter_counts(model)
-    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["trainable"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ds_numel: a ZeRO-3 partition's full size
     lora_parts = ["language_model (LoRA)"] + (["routers"] if stage.upcycles_to_moe else []) if stage.uses_lora(stage_spec) else []
     logger.info("[%s] trains %s | parameters: %s", stage.name, sorted(parts) + lora_parts,
                 ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
