@@ -428,11 +428,13 @@ class ProtLLMGenerationTest(unittest.TestCase):
 
     max_new_tokens = 4
 
+    seed = 0
+
     def setUp(self):
+        torch.manual_seed(self.seed)  # inputs and weights: the same whatever ran before in this process
         self.model_tester = ProtLLMModelTester(self, batch_size=2, left_padding=True)
         config, self.inputs = self.model_tester.prepare_config_and_inputs_for_common()
         config._attn_implementation = "eager"  # per-step attention weights (output_attentions) need eager attention
-        torch.manual_seed(0)
         self.model = ProtLLMForConditionalGeneration(config).eval()
         self.batch_size, self.prompt_length = self.inputs["input_ids"].shape
         self.vocab_size = config.text_config.vocab_size
@@ -542,7 +544,11 @@ class ProtLLMGenerationTest(unittest.TestCase):
         reference = self.generate(do_sample=False, min_new_tokens=self.max_new_tokens)
         new_tokens = reference[:, self.prompt_length :].tolist()
         eos = new_tokens[0][1]  # row 0's second token: row 0 stops after at most two tokens
-        stopped = self.generate(do_sample=False, eos_token_id=eos)
+        # min_new_tokens kept the configured EOS out of the reference; keep it out here too, so both runs pick from
+        # the same tokens and differ only in stopping at `eos`
+        configured_eos = self.model.generation_config.eos_token_id
+        configured_eos = [configured_eos] if isinstance(configured_eos, int) else list(configured_eos or [])
+        stopped = self.generate(do_sample=False, eos_token_id=eos, suppress_tokens=configured_eos)
         expected = []
         for row in new_tokens:
             kept = row[: row.index(eos) + 1] if eos in row else row
