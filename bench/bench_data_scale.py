@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("PROTLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+from data import SHARED_DATA as SHARED  # noqa: E402
 
 
 def real_proteins() -> list[dict]:

@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PROTLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO))
+from data import SHARED_DATA as SHARED  # noqa: E402
 # How each setup is launched (after `accelerate launch`), and how many processes it must train on.
 # DDP goes through configs/accelerate/cpu_ddp_2proc.yaml, whose torchrun launcher starts both ranks (an earlier
 # MULTI_CPU config started ONE process without mpirun: the old "DDP 2 processes" row trained on one process).

@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PROTLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO))
+from data import SHARED_DATA as SHARED  # noqa: E402
 LEARNING_RATE = 1e-3
 
 

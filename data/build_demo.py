@@ -31,6 +31,7 @@ from pathlib import Path
 
 import datasets
 
+from . import SHARED_DATA  # ../shared/data, or $PROTLLM_SHARED_DATA
 from .builders import BuildStats, build_records, ec_number, function_text, protein_name, reaction, yes_no
 from .card import FEATURES, make_card
 from .mmseqs import mmseqs_version
@@ -194,7 +195,6 @@ def load_demo_dataset(path: str | Path = DEMO_DIR) -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TASK_SIZES = {"function_text": (600, 60), "ec_number": (600, 60)}  # (train, test) proteins per source
 MAX_SHARED_LEN = 512
 

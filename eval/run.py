@@ -20,13 +20,10 @@ and `train` hold for them; other tasks use `data` / `train` as given. The split 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-# ../shared/data next to the repository (as in tests/conftest.py), or $PROTLLM_SHARED_DATA
-SHARED_DATA = Path(os.environ.get("PROTLLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TEMPORAL_TASKS = ("ec_number", "reaction")
 TEMPORAL_SPLIT = ("temporal: New-392 (Swiss-Prot entries newer than the CLEAN split10 release) as test, "
                   "CLEAN split10 as train / retrieval database")
@@ -149,6 +146,8 @@ def run_evaluation(
         if holdout:
             raise ValueError("--split temporal and --holdout exclude each other (the temporal split has its own train)")
         split = None
+        from data import SHARED_DATA
+
         temporal_test = Path(temporal_test or SHARED_DATA / "ec" / "new392.jsonl")
         temporal_train = Path(temporal_train or SHARED_DATA / "ec" / "clean_split10.jsonl")
     for flag, path in (("--data", data), ("--train", train), ("--go_obo", go_obo),

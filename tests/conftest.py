@@ -16,8 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from data import SHARED_DATA  # noqa: E402, F401  (../shared/data, or $PROTLLM_SHARED_DATA)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("PROTLLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def _is_loopback(address) -> bool:
