@@ -16,7 +16,7 @@ from modeling_protllm import ProtLLMForConditionalGeneration
 from moe_protllm import moe_blocks
 from processing_protllm import ProtLLMProcessor, build_protein_tokenizer
 
-from .parameter_groups import parameter_counts, protllm_core
+from .parameter_groups import numel, parameter_counts, protllm_core
 
 logger = logging.getLogger("protllm.building")
 
@@ -325,21 +325,16 @@ def model_parameter_counts(model) -> dict[str, int]:
     """Total and per-token active parameters, per part (MoE: one routed expert per token and top-k)."""
     counts = parameter_counts(model.named_parameters())
     language_model = protllm_core(model).language_model
-    inactive = sum(_numel(p) for p in language_model.parameters()) - active_parameter_count(language_model)
+    inactive = sum(numel(p) for p in language_model.parameters()) - active_parameter_count(language_model)
     counts["language_model_active_per_token"] = counts["language_model"] - inactive
     return counts
 
 
-def _numel(param) -> int:
-    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it into an empty placeholder."""
-    return getattr(param, "ds_numel", param.numel())
-
-
 def active_parameter_count(language_model: nn.Module) -> int:
     """Parameters one token passes through: routers + top_k experts per MoE block + everything else."""
-    total = sum(_numel(param) for name, param in language_model.named_parameters() if ".experts." not in name)
+    total = sum(numel(param) for name, param in language_model.named_parameters() if ".experts." not in name)
     for block in moe_blocks(language_model):
-        total += block.top_k * sum(_numel(p) for p in block.experts[0].parameters())
+        total += block.top_k * sum(numel(p) for p in block.experts[0].parameters())
     return total
 
 

@@ -56,6 +56,11 @@ def set_trainable(model, parts: set[str]) -> None:
             param.requires_grad_(part in parts)
 
 
+def numel(tensor) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it into an empty placeholder."""
+    return getattr(tensor, "ds_numel", tensor.numel())
+
+
 def parameter_counts(named_tensors) -> dict[str, int]:
     """Per-part element counts of `(name, tensor)` pairs (a model's parameters or a state dict), plus `total`.
 
@@ -63,6 +68,6 @@ def parameter_counts(named_tensors) -> dict[str, int]:
     """
     counts = dict.fromkeys(PARTS, 0)
     for name, tensor in named_tensors:
-        counts[part_of(name)] += getattr(tensor, "ds_numel", tensor.numel())  # a ZeRO-3 placeholder is empty
+        counts[part_of(name)] += numel(tensor)
     counts["total"] = sum(counts[p] for p in PARTS)
     return counts

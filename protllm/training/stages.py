@@ -25,7 +25,7 @@ from modeling_protllm import ProtLLMForConditionalGeneration
 
 from ..building import model_parameter_counts, upcycle_to_moe
 from ..model_folder import save_model_folder
-from ..parameter_groups import protllm_core, set_trainable
+from ..parameter_groups import numel, protllm_core, set_trainable
 from .collator import ProtLLMDataCollator
 from .feature_cache import FeatureCache
 from .trainers import (CollatorStatsCallback, make_sft_trainer, restore_model_dtype, unsharded_copy,
@@ -118,7 +118,7 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
     parts = stage.trained_parts(stage_spec)
     set_trainable(model, parts)
     counts = model_parameter_counts(model)
-    counts["trainable"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ds_numel: a ZeRO-3 partition's full size
+    counts["trainable"] = sum(numel(p) for p in model.parameters() if p.requires_grad)
     lora_parts = ["language_model (LoRA)"] + (["routers"] if stage.upcycles_to_moe else []) if stage.uses_lora(stage_spec) else []
     logger.info("[%s] trains %s | parameters: %s", stage.name, sorted(parts) + lora_parts,
                 ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
