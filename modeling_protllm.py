@@ -313,15 +313,19 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
         features, feature_mask = self.projector(residue_states.to(projector_dtype), residue_mask)
         return features[feature_mask]
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, protein_features):
-        """`(B, S, 1)` mask of `<protein>` placeholder positions; their count must equal the protein tokens."""
+    def placeholder_positions(self, input_ids, inputs_embeds):
+        """`(B, S)` bool: where the `<protein>` placeholders are, from `input_ids`, else from `inputs_embeds` (the
+        placeholder's embedding, as LLaVA finds image tokens)."""
         if input_ids is None:
             placeholder = self.get_input_embeddings()(
                 torch.tensor(self.config.protein_token_id, dtype=torch.long, device=inputs_embeds.device)
             )
-            mask = (inputs_embeds == placeholder).all(-1)
-        else:
-            mask = input_ids == self.config.protein_token_id
+            return (inputs_embeds == placeholder).all(-1)
+        return input_ids == self.config.protein_token_id
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, protein_features):
+        """`(B, S, 1)` mask of `<protein>` placeholder positions; their count must equal the protein tokens."""
+        mask = self.placeholder_positions(input_ids, inputs_embeds)
         # A tensor condition (no int()/if on data): a hint, not a graph break, under torch.compile / torch.export.
         torch_compilable_check(
             mask.sum() == protein_features.shape[0],
@@ -583,12 +587,9 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         """
         protein_inputs = {key: model_kwargs.pop(key) for key in PROTEIN_INPUT_KEYS if model_kwargs.get(key) is not None}
         if expand_size > 1 and protein_inputs:
-            if input_ids is not None and input_ids.numel():
-                placeholders = input_ids == self.config.protein_token_id
-            else:
-                placeholder = self.get_input_embeddings()(
-                    torch.tensor(self.config.protein_token_id, device=model_kwargs["inputs_embeds"].device))
-                placeholders = (model_kwargs["inputs_embeds"] == placeholder).all(-1)
+            placeholders = self.model.placeholder_positions(
+                input_ids if input_ids is not None and input_ids.numel() else None, model_kwargs.get("inputs_embeds")
+            )
             # (B,): the number of placeholder runs in each row, one run per protein
             run_starts = placeholders & ~torch.nn.functional.pad(placeholders[:, :-1], (1, 0), value=False)
             proteins_per_row = run_starts.sum(-1).tolist()
