@@ -4,8 +4,10 @@
     PROTLLM_MODEL=org/name PORT=7860 python app.py               # the same, configured the way Spaces are
 
 On a Space this file runs unchanged (`GRADIO_SERVER_NAME=0.0.0.0` makes it listen on every interface there). It needs
-only gradio, torch and transformers (+ the model's own optional dependencies): the model folder's remote code
-(`trust_remote_code=True`) does the protein work, so nothing from this repository has to be installed.
+gradio, torch and transformers (+ the model's own optional dependencies): the model folder's remote code
+(`trust_remote_code=True`) does the protein work. Uploaded structure files are read by this repository's
+`structure_protllm.py` (with `structure_files_protllm.py` and `processing_protllm.py`, next to this file; gemmi or
+biotite), because a sequence model's folder carries no structure reader; the processor gets the parsed structure.
 
 What a user gets:
 - a protein as a sequence (raw or one FASTA record) and/or an uploaded PDB/mmCIF file with a chain selector;
@@ -29,7 +31,6 @@ any) and the neighbours table:
 """
 
 import argparse
-import importlib
 import os
 import re
 import time
@@ -37,6 +38,8 @@ import time
 import gradio as gr
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
+
+import structure_protllm  # the repository's structure reader (next to this file): every model folder takes its output
 
 DEFAULT_MODEL = "outputs/demo/model"
 MAX_BATCH_SIZE = 8
@@ -125,9 +128,6 @@ class ProtLLMDemo:
         self.model.to(self.device).eval()
         # Batched greedy generation needs left padding (the answer starts right after each prompt).
         self.processor.tokenizer.padding_side = "left"
-        # The structure reader of the model's own remote code (a sibling module of its processor).
-        package = type(self.processor).__module__.rpartition(".")[0]
-        self.structure = importlib.import_module(f"{package}.structure_protllm" if package else "structure_protllm")
 
     @property
     def retrieval_database(self):
@@ -139,7 +139,7 @@ class ProtLLMDemo:
     def structure_chains(self, path: str) -> dict[str, str]:
         """Chain id -> sequence of every protein chain of an uploaded file; InputProblem when it is not a structure."""
         try:
-            return self.structure.parse_structure_chains(path)
+            return structure_protllm.parse_structure_chains(path)
         except (ValueError, OSError) as error:
             raise InputProblem(f"Structure file: {error}") from error
 
@@ -152,15 +152,17 @@ class ProtLLMDemo:
         structure_path = getattr(structure_path, "path", structure_path) or None  # gradio.FileData or a path
         if sequence is None and structure_path is None:
             raise InputProblem("Give a protein: paste a sequence (raw or FASTA) or upload a PDB/mmCIF file")
+        where = "Sequence" if structure_path is None else "Structure file" if sequence is None else "Sequence and structure"
         spec = {"sequence": sequence} if sequence is not None else {}
-        if structure_path is not None:
-            spec.update(structure=str(structure_path), chain=(chain or None))
         try:
+            if structure_path is not None:
+                # Read here, not by the processor: a sequence model's processor reads no structure file, but every
+                # processor takes a parsed structure (its coordinates reach a model that reads structures).
+                spec = {"structure": structure_protllm.load_structure(str(structure_path), chain=chain or None, sequence=sequence)}
             prepared = self.processor.prepare_protein(spec, 0)
         except ValueError as error:
-            where = "Sequence" if structure_path is None else "Structure file" if sequence is None else "Sequence and structure"
             raise InputProblem(f"{where}: {_PROTEIN_PREFIX.sub('', str(error))}") from error
-        except ImportError as error:  # a structure library the model's code needs is not installed
+        except ImportError as error:  # a structure library (gemmi, biotite, mini3di) is not installed
             raise InputProblem(f"Structure file: {error}") from error
         block = {"type": "protein", "sequence": prepared["sequence"]}
         description = f"{len(prepared['sequence'])} residues"

@@ -35,6 +35,48 @@ ESM2_650M_KWARGS = {
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "resampler")
 
+# EvolutionaryScale's ESM3 / ESM C encoders (run by an optional module). The config only needs their shapes: the esm
+# package's constructor sizes of the published models (`esm.pretrained` 3.2.1.post1), stored beside the EsmConfig names.
+EVOLUTIONARYSCALE_BACKENDS = ("esm3", "esmc")
+EVOLUTIONARYSCALE_MODEL_SIZES = {
+    "esm3-sm-open-v1": {"d_model": 1536, "n_heads": 24, "v_heads": 256, "n_layers": 48},
+    "esmc-300m": {"d_model": 960, "n_heads": 15, "n_layers": 30},
+    "esmc-600m": {"d_model": 1152, "n_heads": 18, "n_layers": 36},
+}
+DEFAULT_MODEL = {"esm3": "esm3-sm-open-v1", "esmc": "esmc-300m"}
+# ESM3's structure tokens come from a separate VQ-VAE encoder.
+ESM3_STRUCTURE_ENCODER_SIZES = {"d_model": 1024, "n_heads": 1, "v_heads": 128, "n_layers": 2, "d_out": 128, "n_codes": 4096}
+# The esm package's sequence vocabulary has 64 embedding rows; its first 33 tokens are ESM-2's (`<cls>`=0, `<pad>`=1,
+# `<eos>`=2, amino acids 4-30, `<mask>`=32), so the processor's ESM-2 tokenizer gives ESM3/ESM C the same ids.
+SEQUENCE_VOCAB_SIZE = 64
+
+
+def evolutionaryscale_protein_config_kwargs(backend: str, protein_config: dict | None) -> dict:
+    """`model.protein_config` in the esm package's constructor sizes (`d_model`, `n_heads`, `n_layers`, and `v_heads`
+    and optionally `structure_encoder` for ESM3), or None for the published default (esm3-sm-open-v1, esmc-300m) ->
+    the EsmConfig kwargs ProtLLM stores (`hidden_size` etc. are what the projectors and the feature layer read).
+    A dict already in EsmConfig names (a saved config.json) comes back unchanged."""
+    protein_config = dict(protein_config or {})
+    if "hidden_size" in protein_config:  # already stored form (a saved config.json: EsmConfig names + the esm sizes)
+        return protein_config
+    sizes = {**EVOLUTIONARYSCALE_MODEL_SIZES[DEFAULT_MODEL[backend]], **protein_config}
+    required = ("d_model", "n_heads", "n_layers") + (("v_heads",) if backend == "esm3" else ())
+    unknown = set(sizes) - set(required) - {"v_heads", "structure_encoder", "model_type", "name_or_path"}
+    if unknown:
+        raise ValueError(f"protein_config for protein_encoder_backend={backend!r}: unknown keys {sorted(unknown)}; expected {list(required)}")
+    if sizes["d_model"] % sizes["n_heads"]:
+        raise ValueError(f"protein_config: d_model={sizes['d_model']} is not divisible by n_heads={sizes['n_heads']}")
+    kwargs = {
+        "model_type": "esm", "hidden_size": sizes["d_model"], "num_attention_heads": sizes["n_heads"],
+        "num_hidden_layers": sizes["n_layers"], "intermediate_size": 0, "vocab_size": SEQUENCE_VOCAB_SIZE,
+        "pad_token_id": 1, "mask_token_id": 32, "token_dropout": False, "position_embedding_type": "rotary",
+        "d_model": sizes["d_model"], "n_heads": sizes["n_heads"], "n_layers": sizes["n_layers"],
+    }
+    if backend == "esm3":
+        kwargs["v_heads"] = sizes["v_heads"]
+        kwargs["structure_encoder"] = {**ESM3_STRUCTURE_ENCODER_SIZES, **(sizes.get("structure_encoder") or {})}
+    return kwargs
+
 
 @strict
 class ProtLLMConfig(PreTrainedConfig):
@@ -46,7 +88,8 @@ class ProtLLMConfig(PreTrainedConfig):
             ESM model with a 446-token amino-acid x 3Di vocabulary).
         text_config (`PreTrainedConfig` or `dict`): any causal LM config (Llama, Qwen2, SmolLM, Phi-3, GPT-2...).
         protein_encoder_backend (`"esm"`, `"fair-esm"`, `"esm3"` or `"esmc"`): transformers `EsmModel`, fair-esm
-            `ESM2`, or EvolutionaryScale's ESM3 (sequence + VQ-VAE structure tokens) / ESM C (see esm3_protllm.py).
+            `ESM2`, or EvolutionaryScale's ESM3 (sequence + VQ-VAE structure tokens) / ESM C, which the subclasses
+            of the optional module `esm3_protllm.py` run (the core model classes refuse them).
             For `esm3`/`esmc`, `protein_config` takes the esm package's sizes (`d_model`, `n_heads`, `n_layers`, and
             `v_heads` for ESM3) and is stored as an EsmConfig with both names; None means esm3-sm-open-v1 / esmc-300m.
         protein_encoder_input (`"sequence"` or `"saprot"`): amino acids only, or SaProt's amino acid + Foldseek
@@ -122,11 +165,7 @@ class ProtLLMConfig(PreTrainedConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
-        if self.protein_encoder_backend in ("esm3", "esmc") and not isinstance(self.protein_config, PreTrainedConfig):
-            try:  # imported here: the other backends never need the module
-                from .esm3_protllm import evolutionaryscale_protein_config_kwargs
-            except ImportError:
-                from esm3_protllm import evolutionaryscale_protein_config_kwargs
+        if self.protein_encoder_backend in EVOLUTIONARYSCALE_BACKENDS and not isinstance(self.protein_config, PreTrainedConfig):
             self.protein_config = evolutionaryscale_protein_config_kwargs(self.protein_encoder_backend, self.protein_config)
         super().__post_init__(**kwargs)
         # Tied-embedding LLMs (Qwen2, SmolLM) load wrong unless the composite config says so too.
@@ -196,7 +235,7 @@ class ProtLLMConfig(PreTrainedConfig):
             problems.append(f"moe_top_k must be in [1, moe_num_experts={self.moe_num_experts}], got {self.moe_top_k}")
         if self.moe_capacity_factor <= 0 or (self.moe_eval_capacity_factor is not None and self.moe_eval_capacity_factor <= 0):
             problems.append("moe_capacity_factor and moe_eval_capacity_factor must be > 0 (eval: or None, no limit)")
-        if self.protein_encoder_backend in ("esm3", "esmc") and self.protein_encoder_input != "sequence":
+        if self.protein_encoder_backend in EVOLUTIONARYSCALE_BACKENDS and self.protein_encoder_input != "sequence":
             problems.append(f"protein_encoder_backend={self.protein_encoder_backend!r} reads amino acids (ESM3 adds its own structure tokens): protein_encoder_input must be 'sequence'")
         if self.use_structure_bias and self.protein_encoder_backend != "esm":
             problems.append("use_structure_bias requires protein_encoder_backend='esm' (the bias rides in EsmModel's attention mask)")
@@ -220,4 +259,4 @@ class ProtLLMConfig(PreTrainedConfig):
             raise ValueError("Invalid ProtLLMConfig: " + "; ".join(problems))
 
 
-__all__ = ["ProtLLMConfig"]
+__all__ = ["EVOLUTIONARYSCALE_BACKENDS", "ProtLLMConfig", "evolutionaryscale_protein_config_kwargs"]

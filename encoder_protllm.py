@@ -1,5 +1,6 @@
-"""The protein-encoder side of ProtLLM: transformers `EsmModel` (or fair-esm `ESM2`, ESM3 / ESM C) plus SEPIT's
-structure bias (pairwise CA distances -> Gaussian kernels -> per-head attention bias and a residue term).
+"""The protein-encoder side of ProtLLM: transformers `EsmModel` (or fair-esm `ESM2`) plus SEPIT's structure bias
+(pairwise CA distances -> Gaussian kernels -> per-head attention bias and a residue term). ESM3 / ESM C encoders
+subclass `ProtLLMProteinEncoder` in an optional module, which a model folder carries only when its model needs it.
 
 Shapes used below: P proteins in the batch, T protein tokens (residues + <cls> + <eos>, padded),
 R = T - 2 residue positions, H encoder attention heads, K distance kernels, D_p encoder width.
@@ -14,11 +15,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.esm.modeling_esm import EsmModel
 
 try:
-    from .configuration_protllm import ProtLLMConfig
-    from .esm3_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMEvolutionaryScaleEncoder
-except ImportError:  # top-level module; the esm package itself is imported only when an esm3/esmc encoder is built
-    from configuration_protllm import ProtLLMConfig
-    from esm3_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMEvolutionaryScaleEncoder
+    from .configuration_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMConfig
+except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
+    from configuration_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMConfig
 
 
 class ProtLLMGaussianKernels(nn.Module):
@@ -112,6 +111,9 @@ class ProtLLMProteinEncoder(nn.Module):
     Returns the hidden state of `config.protein_feature_layer` at residue positions (no <cls>/<eos>).
     A frozen encoder (`config.freeze_protein_encoder`) stays in eval mode whatever `.train()` says, so its
     dropout never runs, and runs without autograd.
+
+    The backbone (`self.esm`) is built by `build_backbone` and run by `backbone_states`; a subclass for another
+    encoder family overrides those two (and `unused_parameter_prefixes`).
     """
 
     def __init__(self, config: ProtLLMConfig):
@@ -120,12 +122,7 @@ class ProtLLMProteinEncoder(nn.Module):
         protein_config = config.protein_config
         self.backend = config.protein_encoder_backend
         config.route_protein_attn_implementation()  # the structure bias needs eager/sdpa, never flash
-        if self.backend == "esm":
-            self.esm = EsmModel(protein_config, add_pooling_layer=False)
-        elif self.backend in EVOLUTIONARYSCALE_BACKENDS:
-            self.esm = ProtLLMEvolutionaryScaleEncoder(self.backend, protein_config)
-        else:
-            self.esm = build_fair_esm(protein_config)
+        self.esm = self.build_backbone(config)
         self.structure_bias = None
         if config.use_structure_bias:
             self.structure_bias = ProtLLMStructureBias(
@@ -136,6 +133,19 @@ class ProtLLMProteinEncoder(nn.Module):
                 config.structure_chunk_size,
             )
         self.set_frozen(config.freeze_protein_encoder)
+
+    def build_backbone(self, config: ProtLLMConfig) -> nn.Module:
+        """The encoder network of `config.protein_encoder_backend`: `EsmModel` (`esm`) or fair-esm `ESM2` (`fair-esm`)."""
+        if config.protein_encoder_backend in EVOLUTIONARYSCALE_BACKENDS:
+            raise ValueError(
+                f"protein_encoder_backend={config.protein_encoder_backend!r} (EvolutionaryScale's ESM3 / ESM C) needs "
+                "esm3_protllm.ProtLLMEvolutionaryScaleForConditionalGeneration, not the core ProtLLM classes: load its "
+                "model folder through the folder's own auto_map (AutoModelForCausalLM.from_pretrained(folder, "
+                "trust_remote_code=True)), or build it with protllm.building / protllm.model_classes.causal_lm_class(config)"
+            )
+        if config.protein_encoder_backend == "esm":
+            return EsmModel(config.protein_config, add_pooling_layer=False)
+        return build_fair_esm(config.protein_config)
 
     def set_frozen(self, frozen: bool):
         self.config.freeze_protein_encoder = frozen
@@ -150,8 +160,6 @@ class ProtLLMProteinEncoder(nn.Module):
     def unused_parameter_prefixes(self) -> tuple[str, ...]:
         """Names (prefixes) of encoder parameters the forward never uses: the contact-prediction head, and with
         `protein_feature_layer` below the last layer, the layers after it and the final layer norm."""
-        if self.backend in EVOLUTIONARYSCALE_BACKENDS:
-            return tuple("esm." + prefix for prefix in self.esm.unused_parameter_prefixes(self._feature_layer_index()))
         if self.backend != "esm":
             return ("esm.contact_head.",)
         unused = ["esm.contact_head."]
@@ -180,18 +188,18 @@ class ProtLLMProteinEncoder(nn.Module):
         Returns `(P, R, D_p)` residue states and the `(P, R)` residue mask.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            if self.backend == "esm":
-                states = self._esm_forward(protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask)
-            elif self.backend == "fair-esm":
-                states = self._fair_esm_forward(protein_input_ids)
-            else:  # esm3 / esmc (ESM3 reads the coordinates as its VQ-VAE structure tokens)
-                states = self.esm(
-                    protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask, self._feature_layer_index()
-                )
+            states = self.backbone_states(protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask)
         lengths = protein_attention_mask.sum(dim=1)  # tokens incl. <cls>, <eos>
         positions = torch.arange(states.shape[1] - 2, device=states.device)
         residue_mask = positions.unsqueeze(0) < (lengths - 2).unsqueeze(1)
         return states[:, 1:-1], residue_mask
+
+    def backbone_states(self, input_ids, attention_mask, coords=None, coord_mask=None) -> torch.Tensor:
+        """The backbone's hidden state of `protein_feature_layer` at every token: `(P, T)` ids and mask (+ the
+        `(P, R, 4, 3)` backbone and `(P, R)` coordinate mask, read by the structure bias) -> `(P, T, D_p)`."""
+        if self.backend == "esm":
+            return self._esm_forward(input_ids, attention_mask, coords, coord_mask)
+        return self._fair_esm_forward(input_ids)
 
     def _feature_layer_index(self) -> int:
         layer = self.config.protein_feature_layer

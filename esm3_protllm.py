@@ -1,5 +1,9 @@
 """EvolutionaryScale protein encoders for ProtLLM: ESM3 (sequence + VQ-VAE structure tokens) and ESM C.
 
+An optional remote-code module: `ProtLLMEvolutionaryScaleForConditionalGeneration` (and its base
+`ProtLLMEvolutionaryScaleModel`) subclass the core classes with an ESM3 / ESM C protein encoder. A model folder whose
+`auto_map` names them carries this file; the core files never import it, so other folders do not.
+
 The architectures are EvolutionaryScale's own modules from their `esm` package (3.2.1.post1); this file only
 imports them and runs them the way their SDK does (`ESM3.logits` / `ESMC.forward`), stopping at the hidden state
 ProtLLM projects (`protein_feature_layer`) instead of computing every output head.
@@ -34,34 +38,45 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-EVOLUTIONARYSCALE_BACKENDS = ("esm3", "esmc")
+try:
+    from .configuration_protllm import (
+        EVOLUTIONARYSCALE_BACKENDS,
+        EVOLUTIONARYSCALE_MODEL_SIZES,
+        ProtLLMConfig,
+    )
+    from .encoder_protllm import ProtLLMProteinEncoder
+    from .modeling_protllm import ProtLLMForConditionalGeneration, ProtLLMModel
+except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
+    from configuration_protllm import (
+        EVOLUTIONARYSCALE_BACKENDS,
+        EVOLUTIONARYSCALE_MODEL_SIZES,
+        ProtLLMConfig,
+    )
+    from encoder_protllm import ProtLLMProteinEncoder
+    from modeling_protllm import ProtLLMForConditionalGeneration, ProtLLMModel
+
 ESM_PACKAGE_VERSION = "3.2.1.post1"
 ESM_PACKAGE_DEPENDENCIES = "einops msgpack-numpy cloudpathlib tenacity zstd brotli biopython biotite pandas httpx attrs"
 ESM_PATH_ENV = "PROTLLM_ESM_PATH"
 ISOLATED_NAME = "evolutionaryscale_esm"
 
-# The published models, by the names EvolutionaryScale uses on the Hub, with their constructor sizes
-# (from `esm.pretrained` 3.2.1.post1). ESM3's structure tokens come from a separate VQ-VAE encoder.
-ESM3_STRUCTURE_ENCODER_SIZES = {"d_model": 1024, "n_heads": 1, "v_heads": 128, "n_layers": 2, "d_out": 128, "n_codes": 4096}
+# The published models, by the names EvolutionaryScale uses on the Hub: where their weights are, and their constructor
+# sizes (kept in configuration_protllm.py, which turns them into the stored config).
 EVOLUTIONARYSCALE_MODELS = {
     "esm3-sm-open-v1": {
         "backend": "esm3", "hub_id": "EvolutionaryScale/esm3-sm-open-v1", "weights": "data/weights/esm3_sm_open_v1.pth",
         "structure_encoder_weights": "data/weights/esm3_structure_encoder_v0.pth",
-        "sizes": {"d_model": 1536, "n_heads": 24, "v_heads": 256, "n_layers": 48},
+        "sizes": EVOLUTIONARYSCALE_MODEL_SIZES["esm3-sm-open-v1"],
     },
     "esmc-300m": {
         "backend": "esmc", "hub_id": "EvolutionaryScale/esmc-300m-2024-12", "weights": "data/weights/esmc_300m_2024_12_v0.pth",
-        "sizes": {"d_model": 960, "n_heads": 15, "n_layers": 30},
+        "sizes": EVOLUTIONARYSCALE_MODEL_SIZES["esmc-300m"],
     },
     "esmc-600m": {
         "backend": "esmc", "hub_id": "EvolutionaryScale/esmc-600m-2024-12", "weights": "data/weights/esmc_600m_2024_12_v0.pth",
-        "sizes": {"d_model": 1152, "n_heads": 18, "n_layers": 36},
+        "sizes": EVOLUTIONARYSCALE_MODEL_SIZES["esmc-600m"],
     },
 }
-DEFAULT_MODEL = {"esm3": "esm3-sm-open-v1", "esmc": "esmc-300m"}
-# The esm package's sequence vocabulary has 64 embedding rows; its first 33 tokens are ESM-2's (`<cls>`=0, `<pad>`=1,
-# `<eos>`=2, amino acids 4-30, `<mask>`=32), so the processor's ESM-2 tokenizer gives ESM3/ESM C the same ids.
-SEQUENCE_VOCAB_SIZE = 64
 # Imported eagerly so that no later `from esm...` inside the package is ever needed.
 _MODULES = (
     "esm.models.esm3", "esm.models.esmc", "esm.models.vqvae", "esm.tokenization", "esm.utils.constants.esm3",
@@ -129,33 +144,6 @@ def evolutionaryscale_esm(backend: str = "esm3"):
             sys.modules[ISOLATED_NAME + name[len("esm"):]] = module
         _PACKAGE = loaded["esm"]
         return _PACKAGE
-
-
-def evolutionaryscale_protein_config_kwargs(backend: str, protein_config: dict | None) -> dict:
-    """`model.protein_config` in the esm package's constructor sizes (`d_model`, `n_heads`, `n_layers`, and `v_heads`
-    and optionally `structure_encoder` for ESM3), or None for the published default (esm3-sm-open-v1, esmc-300m) ->
-    the EsmConfig kwargs ProtLLM stores (`hidden_size` etc. are what the projectors and the feature layer read).
-    A dict already in EsmConfig names (a saved config.json) comes back unchanged."""
-    protein_config = dict(protein_config or {})
-    if "hidden_size" in protein_config:  # already stored form (a saved config.json: EsmConfig names + the esm sizes)
-        return protein_config
-    sizes = {**EVOLUTIONARYSCALE_MODELS[DEFAULT_MODEL[backend]]["sizes"], **protein_config}
-    required = ("d_model", "n_heads", "n_layers") + (("v_heads",) if backend == "esm3" else ())
-    unknown = set(sizes) - set(required) - {"v_heads", "structure_encoder", "model_type", "name_or_path"}
-    if unknown:
-        raise ValueError(f"protein_config for protein_encoder_backend={backend!r}: unknown keys {sorted(unknown)}; expected {list(required)}")
-    if sizes["d_model"] % sizes["n_heads"]:
-        raise ValueError(f"protein_config: d_model={sizes['d_model']} is not divisible by n_heads={sizes['n_heads']}")
-    kwargs = {
-        "model_type": "esm", "hidden_size": sizes["d_model"], "num_attention_heads": sizes["n_heads"],
-        "num_hidden_layers": sizes["n_layers"], "intermediate_size": 0, "vocab_size": SEQUENCE_VOCAB_SIZE,
-        "pad_token_id": 1, "mask_token_id": 32, "token_dropout": False, "position_embedding_type": "rotary",
-        "d_model": sizes["d_model"], "n_heads": sizes["n_heads"], "n_layers": sizes["n_layers"],
-    }
-    if backend == "esm3":
-        kwargs["v_heads"] = sizes["v_heads"]
-        kwargs["structure_encoder"] = {**ESM3_STRUCTURE_ENCODER_SIZES, **(sizes.get("structure_encoder") or {})}
-    return kwargs
 
 
 def _not_bundled(*_):
@@ -310,11 +298,60 @@ def reset_non_persistent_buffers(module: nn.Module) -> None:
         module._cos_cached = module._sin_cached = None
 
 
+class ProtLLMEvolutionaryScaleProteinEncoder(ProtLLMProteinEncoder):
+    """`ProtLLMProteinEncoder` whose backbone (`self.esm`) is a `ProtLLMEvolutionaryScaleEncoder` (ESM3 / ESM C).
+
+    Parameter names are the core encoder's (`esm.model.*`, `esm.structure_encoder.*` under `protein_encoder`), so
+    folders saved before this subclass existed load into it unchanged.
+    """
+
+    def build_backbone(self, config: ProtLLMConfig) -> ProtLLMEvolutionaryScaleEncoder:
+        return ProtLLMEvolutionaryScaleEncoder(config.protein_encoder_backend, config.protein_config)
+
+    def backbone_states(self, input_ids, attention_mask, coords=None, coord_mask=None) -> torch.Tensor:
+        """
+        input_ids, attention_mask: `(P, T)`, right-padded `<cls> residues <eos> <pad>...`
+        coords: `(P, R, 4, 3)` backbone N/CA/C/O per residue, optional (ESM3 reads it as VQ-VAE structure tokens,
+            ESM C ignores it); coord_mask: `(P, R)` bool
+        Returns the `(P, T, D)` hidden state of `protein_feature_layer`.
+        """
+        return self.esm(input_ids, attention_mask, coords, coord_mask, self._feature_layer_index())
+
+    def unused_parameter_prefixes(self) -> tuple[str, ...]:
+        """The output heads, the structure encoder and the blocks after `protein_feature_layer` (see the backbone's)."""
+        return tuple("esm." + prefix for prefix in self.esm.unused_parameter_prefixes(self._feature_layer_index()))
+
+
+class ProtLLMEvolutionaryScaleModel(ProtLLMModel):
+    """`ProtLLMModel` with an ESM3 / ESM C protein encoder (the `AutoModel` class of such a folder)."""
+
+    protein_encoder_class = ProtLLMEvolutionaryScaleProteinEncoder
+    _no_split_modules = ["ProtLLMEvolutionaryScaleProteinEncoder"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        reset_non_persistent_buffers(module)
+
+
+class ProtLLMEvolutionaryScaleForConditionalGeneration(ProtLLMForConditionalGeneration):
+    """`ProtLLMForConditionalGeneration` with an ESM3 / ESM C protein encoder (the `AutoModelForCausalLM` class of
+    such a folder; see `ProtLLMProcessor` for inputs)."""
+
+    base_model_class = ProtLLMEvolutionaryScaleModel
+    _no_split_modules = ["ProtLLMEvolutionaryScaleProteinEncoder"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        reset_non_persistent_buffers(module)
+
+
 __all__ = [
     "EVOLUTIONARYSCALE_BACKENDS",
     "EVOLUTIONARYSCALE_MODELS",
     "ProtLLMEvolutionaryScaleEncoder",
+    "ProtLLMEvolutionaryScaleForConditionalGeneration",
+    "ProtLLMEvolutionaryScaleModel",
+    "ProtLLMEvolutionaryScaleProteinEncoder",
     "evolutionaryscale_esm",
-    "evolutionaryscale_protein_config_kwargs",
     "install_instructions",
 ]

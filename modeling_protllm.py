@@ -42,10 +42,8 @@ except ImportError:  # loaded as a top-level module (repository checkout, not re
     )
 try:
     from .encoder_protllm import ProtLLMGaussianKernels, ProtLLMProteinEncoder
-    from .esm3_protllm import reset_non_persistent_buffers
-except ImportError:  # top-level module; the esm package itself is imported only when an esm3/esmc encoder is built
+except ImportError:  # top-level module
     from encoder_protllm import ProtLLMGaussianKernels, ProtLLMProteinEncoder
-    from esm3_protllm import reset_non_persistent_buffers
 
 
 PROTEIN_INPUT_KEYS = (
@@ -202,8 +200,6 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, ProtLLMResampler):
             nn.init.normal_(module.queries, std=0.02)
-        else:
-            reset_non_persistent_buffers(module)  # the esm package's rotary inv_freq (ESM3 / ESM C)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
@@ -254,9 +250,12 @@ def _is_tied(model, key, missing) -> bool:
 class ProtLLMModel(ProtLLMPreTrainedModel):
     """Protein encoder + projector + LLM backbone, without the LM head."""
 
+    # Another encoder family (ESM3 / ESM C) is a subclass that names its own encoder class here.
+    protein_encoder_class = ProtLLMProteinEncoder
+
     def __init__(self, config: ProtLLMConfig):
         super().__init__(config)
-        self.protein_encoder = ProtLLMProteinEncoder(config)
+        self.protein_encoder = self.protein_encoder_class(config)
         self.projector = PROJECTOR_CLASSES[config.projector_type](config)
         self.language_model = AutoModel.from_config(config.text_config)
         if config.moe_num_experts:
@@ -438,10 +437,12 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
 
     # The head may be tied to the (row-sharded) input embedding, so it needs its own tensor-parallel entry.
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # Another encoder family (ESM3 / ESM C) is a subclass that names its own base model class here.
+    base_model_class = ProtLLMModel
 
     def __init__(self, config: ProtLLMConfig):
         super().__init__(config)
-        self.model = ProtLLMModel(config)
+        self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         # The tied source is the LLM's own embedding, whose name depends on the family (embed_tokens, wte...).
         embedding = self.model.get_input_embeddings()

@@ -9,7 +9,8 @@ Remote code: a saved ProtLLM folder carries this file and names it in its config
     pipe(["MKT...", "MSD..."], batch_size=8)             # one [{"generated_text": ...}] per input
 
 works without this repository. Inputs: a sequence string; a dict with `sequence` and/or `structure` (a PDB/mmCIF
-path), optional `chain` and `question` (or `proteins`, a list of such protein dicts, for several proteins in one
+path, read by the processor of a model that reads structures; a sequence model's processor refuses it, naming the
+protein), optional `chain` and `question` (or `proteins`, a list of such protein dicts, for several proteins in one
 question); a chat (a list of `{"role", "content"}` messages whose content holds `{"type": "protein", ...}` and
 `{"type": "text", ...}` blocks), answered as text-generation pipelines answer chats (the conversation with the
 assistant's reply appended); or a list of any of these. Decoding is greedy unless `do_sample=True` is passed;

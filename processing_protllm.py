@@ -1,15 +1,19 @@
-"""ProtLLMProcessor: the LLM tokenizer, the protein tokenizer and the structure featuriser behind one call.
+"""ProtLLMProcessor: the LLM tokenizer and the protein tokenizer behind one call, for a model that reads sequences.
 
 Text carries one `<protein>` placeholder per protein. The processor expands each placeholder to
 `<|protein_start|>` + n x `<protein>` + `<|protein_end|>`, where n is the number of tokens the model's
 projector emits for that protein (its residue count, or `num_query_tokens` for a resampler), and tokenizes
-the proteins (amino acids, or SaProt amino-acid + 3Di tokens) with padding.
+the proteins' amino acids with padding.
 
-Residue policy (ESM alphabet): the 20 standard amino acids plus B, Z, U, O, X are kept; lower case is upper-cased;
-white space and a terminal `*` are removed; anything else (digits, punctuation, other letters such as J) is an
-error naming the protein and position. An empty sequence is an error. A sequence longer than
-`max_protein_length` is cropped to its first `max_protein_length` residues with a warning
-(`protein_overflow="crop"`) or refused (`protein_overflow="error"`).
+Residue policy (ESM alphabet, `clean_residues`: the one rule, which the structure reader uses too): the 20 standard
+amino acids plus B, Z, U, O, X are kept; lower case is upper-cased; white space and a terminal `*` are removed;
+anything else (digits, punctuation, other letters such as J) is an error naming the protein and position. An empty
+sequence is an error. A sequence longer than `max_protein_length` is cropped to its first `max_protein_length`
+residues with a warning (`protein_overflow="crop"`) or refused (`protein_overflow="error"`).
+
+Structures: this processor reads no structure file, only an already parsed structure (`.sequence`, `.coords`); a
+model that reads structures has `structure_processing_protllm.ProtLLMStructureProcessor`, which overrides the hooks
+`_load_structure` and `_saprot_tokens`.
 """
 
 import os
@@ -26,17 +30,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 try:
     from .collator_protllm import ProtLLMDataCollator
-    from .saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
-    from .structure_protllm import VALID_RESIDUES, StructureError, load_structure
-    from .structure_protllm import clean_sequence as clean_residues
+    from .retrieval_protllm import DATABASE_DIR, RetrievalDatabase, render_block
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
     from collator_protllm import ProtLLMDataCollator
-    from saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
-    from structure_protllm import VALID_RESIDUES, StructureError, load_structure
-    from structure_protllm import clean_sequence as clean_residues
-try:
-    from .retrieval_protllm import DATABASE_DIR, RetrievalDatabase, render_block
-except ImportError:
     from retrieval_protllm import DATABASE_DIR, RetrievalDatabase, render_block
 
 PROTEIN_TOKEN = "<protein>"
@@ -51,20 +47,38 @@ ESM_VOCAB = [
     "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
     "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
 ]
+#: The residue rule of every ProtLLM input: the ESM-2 alphabet (20 amino acids plus B, Z, U, O, X).
+VALID_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYBZUOX")
 
 
 class ProteinInputError(ValueError):
     """A protein input the processor cannot use; the message names the protein (and residue) at fault."""
 
 
-def build_protein_tokenizer(kind: str = "esm") -> EsmTokenizer:
-    """An ESM-2 (`"esm"`, 33 tokens) or SaProt (`"saprot"`, 446 amino-acid x 3Di tokens) tokenizer, built offline."""
-    if kind == "esm":
-        vocab = ESM_VOCAB
-    elif kind == "saprot":
-        vocab = SAPROT_VOCAB
-    else:
-        raise ValueError(f"unknown protein tokenizer kind {kind!r}; expected 'esm' or 'saprot'")
+def clean_residues(sequence, context: str = "sequence", error_class: type = ValueError) -> str:
+    """The residue policy above (shared by the processor, the structure reader and the data tools) -> the upper-case
+    sequence; raises `error_class` with a message starting with `context` (`"protein 2"`, a file name)."""
+    if not isinstance(sequence, str):
+        raise error_class(f"{context}: sequence must be a string, got {type(sequence).__name__}")
+    cleaned = "".join(sequence.split())
+    cleaned = cleaned[:-1] if cleaned.endswith("*") else cleaned
+    if not cleaned:
+        raise error_class(f"{context}: empty sequence")
+    # Checked before upper-casing: str.upper maps some non-ASCII letters to residues ('ß' -> 'SS', 'ı' -> 'I').
+    upper = cleaned.upper()
+    if not (cleaned.isascii() and VALID_RESIDUES.issuperset(upper)):
+        position, residue = next((i, r) for i, r in enumerate(cleaned) if not r.isascii() or r.upper() not in VALID_RESIDUES)
+        raise error_class(f"{context}: invalid residue {residue!r} at position {position + 1} (allowed: 20 amino acids and B, Z, U, O, X)")
+    return upper
+
+
+def clean_sequence(sequence, protein_index: int) -> str:
+    """`clean_residues` for protein `protein_index`: ProteinInputError naming the protein and the first bad residue."""
+    return clean_residues(sequence, f"protein {protein_index}", ProteinInputError)
+
+
+def protein_tokenizer_from_vocab(vocab: list[str]) -> EsmTokenizer:
+    """An `EsmTokenizer` over `vocab` (token strings in id order), built offline."""
     with tempfile.TemporaryDirectory() as directory:
         vocab_file = os.path.join(directory, "vocab.txt")
         with open(vocab_file, "w") as handle:
@@ -72,10 +86,20 @@ def build_protein_tokenizer(kind: str = "esm") -> EsmTokenizer:
         return EsmTokenizer(vocab_file=vocab_file)
 
 
-def clean_sequence(sequence, protein_index: int) -> str:
-    """The one residue rule (`structure_protllm.clean_sequence`, shared with the structure reader); raises
-    ProteinInputError naming the protein and the position of the first bad residue."""
-    return clean_residues(sequence, f"protein {protein_index}", ProteinInputError)
+def build_protein_tokenizer(kind: str = "esm") -> EsmTokenizer:
+    """The ESM-2 tokenizer (`"esm"`, 33 tokens), built offline. SaProt's lives with the 3Di code it needs."""
+    if kind != "esm":
+        raise ValueError(f"protein tokenizer kind {kind!r}: this module builds 'esm'; SaProt's ('saprot') is "
+                         "structure_processing_protllm.build_protein_tokenizer('saprot')")
+    return protein_tokenizer_from_vocab(ESM_VOCAB)
+
+
+def _describe_structure_input(source) -> str:
+    """A structure input as an error message names it: a file name, structure bytes or text, a coordinate dict."""
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source):
+        return f"the structure file {os.path.basename(os.fspath(source))[:200]!r}"
+    kinds = {bytes: "structure bytes", str: "structure text", dict: "a coordinate dict"}
+    return next((name for kind, name in kinds.items() if isinstance(source, kind)), f"a structure of type {type(source).__name__}")
 
 
 def _set_padding_side(tokenizer, padding_side: str) -> None:
@@ -108,7 +132,8 @@ class ProtLLMMultiModalData(MultiModalData):
 
 class ProtLLMProcessor(ProcessorMixin):
     r"""
-    Constructs a ProtLLM processor from an LLM tokenizer and a protein tokenizer (EsmTokenizer).
+    Constructs a ProtLLM processor from an LLM tokenizer and a protein tokenizer (EsmTokenizer), for a model that
+    reads sequences (one that reads structures: `structure_processing_protllm.ProtLLMStructureProcessor`).
 
     Args:
         tokenizer: the LLM tokenizer (any fast tokenizer with a chat template); must know the protein tokens
@@ -119,7 +144,8 @@ class ProtLLMProcessor(ProcessorMixin):
             one token per residue.
         max_protein_length (`int`): residues per protein.
         protein_overflow (`"crop"` or `"error"`): what to do with longer proteins.
-        protein_encoder_input (`"sequence"` or `"saprot"`): tokenize amino acids, or SaProt amino acid + 3Di.
+        protein_encoder_input (`"sequence"`; `"saprot"` in `ProtLLMStructureProcessor`): tokenize amino acids, or
+            SaProt amino acid + 3Di.
         plddt_threshold (`float`): SaProt input masks the 3Di token of residues below this pLDDT.
 
     Chat templates: `apply_chat_template` renders with the `chat_template` passed, else the processor's own, else the
@@ -132,6 +158,8 @@ class ProtLLMProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = ProtLLMProcessorKwargs
+    protein_encoder_inputs = ("sequence",)  # what the protein encoder may read; the structure subclass adds "saprot"
+    reads_structures = False  # structure files: the subclass in structure_processing_protllm.py
     # Only defaults that differ from the tokenizer's own (its `add_special_tokens=True` is not repeated here).
     text_kwargs = {"padding": True}
 
@@ -149,8 +177,7 @@ class ProtLLMProcessor(ProcessorMixin):
     ):
         if protein_overflow not in ("crop", "error"):
             raise ValueError(f"protein_overflow must be 'crop' or 'error', got {protein_overflow!r}")
-        if protein_encoder_input not in ("sequence", "saprot"):
-            raise ValueError(f"protein_encoder_input must be 'sequence' or 'saprot', got {protein_encoder_input!r}")
+        self._check_encoder_input(protein_encoder_input)
         self.num_query_tokens = num_query_tokens
         self.max_protein_length = max_protein_length
         self.protein_overflow = protein_overflow
@@ -168,12 +195,26 @@ class ProtLLMProcessor(ProcessorMixin):
             raise ValueError(f"the LLM tokenizer lacks the protein tokens {missing}; build with ProtLLMProcessor.from_tokenizers")
 
     @classmethod
+    def _check_encoder_input(cls, protein_encoder_input: str) -> None:
+        if protein_encoder_input == "saprot" and "saprot" not in cls.protein_encoder_inputs:
+            raise ValueError(f"protein_encoder_input='saprot' needs 3Di tokens computed from structures, which {cls.__name__} "
+                             "does not read; use structure_processing_protllm.ProtLLMStructureProcessor")
+        if protein_encoder_input not in cls.protein_encoder_inputs:
+            raise ValueError(f"protein_encoder_input must be one of {cls.protein_encoder_inputs}, got {protein_encoder_input!r}")
+
+    @classmethod
+    def default_protein_tokenizer(cls, protein_encoder_input: str = "sequence") -> EsmTokenizer:
+        """The protein tokenizer `from_tokenizers` builds when given none: ESM-2's (SaProt's in the structure subclass)."""
+        cls._check_encoder_input(protein_encoder_input)
+        return build_protein_tokenizer("esm")
+
+    @classmethod
     def from_tokenizers(cls, tokenizer, protein_tokenizer=None, **kwargs):
         """Add the protein tokens to an LLM tokenizer (name, path or object) and build the processor."""
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if protein_tokenizer is None:
-            protein_tokenizer = build_protein_tokenizer(kwargs.get("protein_encoder_input", "sequence") == "saprot" and "saprot" or "esm")
+            protein_tokenizer = cls.default_protein_tokenizer(kwargs.get("protein_encoder_input", "sequence"))
         elif isinstance(protein_tokenizer, (str, os.PathLike)):
             protein_tokenizer = AutoTokenizer.from_pretrained(protein_tokenizer)
         tokenizer.add_tokens([PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN], special_tokens=True)
@@ -223,8 +264,8 @@ class ProtLLMProcessor(ProcessorMixin):
     def prepare_protein(self, protein, protein_index: int) -> dict:
         """One protein spec -> {"sequence", "tokens" (string for the protein tokenizer), "structure" or None}.
 
-        `protein`: a sequence string; a dict with `sequence` and/or `structure` (path, bytes, ProteinStructure or
-        coordinate dict) and optional `chain`; or a `ProteinStructure`.
+        `protein`: a sequence string; a dict with `sequence` and/or `structure` (a parsed structure, with `.sequence`
+        and `.coords`; files too in `ProtLLMStructureProcessor`) and optional `chain`; or a parsed structure.
         """
         if isinstance(protein, str):
             protein = {"sequence": protein}
@@ -259,16 +300,25 @@ class ProtLLMProcessor(ProcessorMixin):
         return {"sequence": sequence, "tokens": tokens, "structure": structure}
 
     def _load_structure(self, source, chain, sequence, protein_index):
-        try:
-            return load_structure(source, chain=chain, sequence=sequence)
-        except StructureError as error:
-            raise ProteinInputError(f"protein {protein_index}: {error}") from error
+        """Hook: one protein's structure input -> a parsed structure (`.sequence`, `.coords` `(L, 4, 3)`, `.coord_mask`
+        `(L,)`, `.crop`) aligned to `sequence` (cleaned, or None). Here a parsed one as is; anything else is refused."""
+        if not (hasattr(source, "sequence") and hasattr(source, "coords")):
+            raise ProteinInputError(
+                f"protein {protein_index}: got {_describe_structure_input(source)}, but this model's processor reads "
+                "sequences only (its model uses no structure); give the protein's sequence, or use a model that "
+                "reads structures (its processor, ProtLLMStructureProcessor, reads structure files)")
+        if chain is not None and getattr(source, "chain_id", chain) != chain:
+            raise ProteinInputError(f"protein {protein_index}: chain {chain!r} requested but the structure holds chain "
+                                    f"{source.chain_id!r}")
+        if sequence is not None and clean_sequence(source.sequence, protein_index) != sequence:
+            raise ProteinInputError(f"protein {protein_index}: the given sequence differs from the structure's; aligning "
+                                    "them needs a structure-reading processor: give the structure's own sequence, or none")
+        return source
 
     def _saprot_tokens(self, sequence, structure) -> str:
-        if structure is None:
-            # via saprot_sequence so X/B/Z/U/O become "#" as with a structure ("X#" is not a SaProt token: <unk>)
-            return saprot_sequence(sequence, "#" * len(sequence))
-        return saprot_sequence(sequence, three_di_tokens(structure), structure.plddt, self.plddt_threshold)
+        """Hook: SaProt tokens (amino acid + 3Di per residue) of one protein; `ProtLLMStructureProcessor` makes them."""
+        raise ValueError(f"protein_encoder_input={self.protein_encoder_input!r}: {type(self).__name__} makes no 3Di "
+                         "tokens; use structure_processing_protllm.ProtLLMStructureProcessor")
 
     def num_protein_tokens(self, sequence: str) -> int:
         """LLM tokens the projector emits for one protein."""
@@ -645,4 +695,5 @@ class ProtLLMProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
 
-__all__ = ["ProtLLMProcessor", "ProtLLMProcessorKwargs", "ProteinInputError", "build_protein_tokenizer", "clean_sequence"]
+__all__ = ["ProtLLMProcessor", "ProtLLMProcessorKwargs", "ProteinInputError", "VALID_RESIDUES", "build_protein_tokenizer",
+           "clean_residues", "clean_sequence", "protein_tokenizer_from_vocab"]

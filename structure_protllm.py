@@ -2,14 +2,15 @@
 
 Reads PDB, mmCIF and BinaryCIF files (plain or gzipped), or PDB/mmCIF text, picks a protein chain, and returns
 per-residue backbone coordinates (N, CA, C, O) aligned to a protein sequence, a residue mask and pLDDT for
-predicted models (3Di and SaProt tokens of a structure: ``saprot_protllm.py``). It also holds the one residue
-rule (:func:`clean_sequence`) that the processor uses too.
+predicted models (3Di and SaProt tokens of a structure: ``saprot_protllm.py``). Residues follow the processor's
+one residue rule (``processing_protllm.clean_residues``).
 
 Reading the file itself (size cap, gzip, format detection, the gemmi / biotite readers) lives in
 ``structure_files_protllm.py``; this module picks the chain, aligns it to the sequence and reads pLDDT.
 
-This file is shipped to the Hugging Face Hub as remote code next to the model, so it imports only numpy and
-the standard library at module level. The structure libraries are imported lazily:
+This file is shipped to the Hugging Face Hub as remote code with models that read structures (through
+``structure_processing_protllm.py``), so it imports only numpy, the standard library and the core processor module
+at module level. The structure libraries are imported lazily:
 
 * ``gemmi``   -- reads PDB and mmCIF (preferred);
 * ``biotite`` -- reads BinaryCIF, reads PDB/mmCIF when gemmi is absent, and runs the global sequence
@@ -27,8 +28,10 @@ from typing import Any
 import numpy as np
 
 try:
+    from .processing_protllm import VALID_RESIDUES, clean_residues
     from .structure_files_protllm import MAX_STRUCTURE_FILE_BYTES, StructureError, _Chain, _parse_chains, _require, _shorten
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
+    from processing_protllm import VALID_RESIDUES, clean_residues
     from structure_files_protllm import MAX_STRUCTURE_FILE_BYTES, StructureError, _Chain, _parse_chains, _require, _shorten
 
 __all__ = [
@@ -40,8 +43,6 @@ __all__ = [
 MIN_ALIGNMENT_IDENTITY = 0.5
 #: ... and the aligned positions must cover this share of the shorter of (sequence, resolved chain).
 MIN_ALIGNMENT_COVERAGE = 0.5
-#: The residue rule of every ProtLLM input: the ESM-2 alphabet (20 amino acids plus B, Z, U, O, X).
-VALID_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYBZUOX")
 
 
 class StructureWarning(UserWarning):
@@ -49,24 +50,8 @@ class StructureWarning(UserWarning):
 
 
 def clean_sequence(sequence: Any, context: str = "sequence", error_class: type = StructureError) -> str:
-    """The residue rule shared by the processor and the structure reader.
-
-    Whitespace is removed and one trailing stop ``'*'`` dropped; every residue must be an ASCII letter of
-    :data:`VALID_RESIDUES`, in either case. Returns the upper-case sequence. Raises ``error_class`` with a message
-    that starts with ``context`` (``"protein 2"``, a file name) and names the first bad residue and its 1-based
-    position."""
-    if not isinstance(sequence, str):
-        raise error_class(f"{context}: sequence must be a string, got {type(sequence).__name__}")
-    cleaned = "".join(sequence.split())
-    cleaned = cleaned[:-1] if cleaned.endswith("*") else cleaned
-    if not cleaned:
-        raise error_class(f"{context}: empty sequence")
-    # Checked before upper-casing: str.upper maps some non-ASCII letters to residues ('ß' -> 'SS', 'ı' -> 'I').
-    upper = cleaned.upper()
-    if not (cleaned.isascii() and VALID_RESIDUES.issuperset(upper)):
-        position, residue = next((i, r) for i, r in enumerate(cleaned) if not r.isascii() or r.upper() not in VALID_RESIDUES)
-        raise error_class(f"{context}: invalid residue {residue!r} at position {position + 1} (allowed: 20 amino acids and B, Z, U, O, X)")
-    return upper
+    """The one residue rule (``processing_protllm.clean_residues``), raising :class:`StructureError` by default."""
+    return clean_residues(sequence, context, error_class)
 
 
 # --------------------------------------------------------------------------------------------------------

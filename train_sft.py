@@ -119,9 +119,9 @@ def main(argv=None) -> int:
     from accelerate import PartialState
     from transformers import set_seed
 
-    from modeling_protllm import ProtLLMForConditionalGeneration
     from protllm.building import build_from_recipe
     from protllm.local_weights import hub_name
+    from protllm.model_classes import causal_lm_class
     from protllm.model_folder import load_model_folder, save_model_folder
     from protllm.training.data import load_rows
     from protllm.training.plots import plot_loss_curves
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         stage_dir = output_dir / "stages" / stage["name"]
         if args.resume_from_checkpoint and (stage_dir / COMPLETE_MARKER).is_file():
             logger.info("[%s] already complete: loading %s", stage["name"], stage_dir / "model")
-            model = ProtLLMForConditionalGeneration.from_pretrained(stage_dir / "model")
+            model = causal_lm_class(model.config).from_pretrained(stage_dir / "model")  # same encoder as the built model
             histories[stage["name"]] = json.loads((stage_dir / "log_history.json").read_text())
             summaries.append(json.loads((stage_dir / COMPLETE_MARKER).read_text()))
             continue

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers import CompileConfig  # noqa: E402
 
 from configuration_protllm import ProtLLMConfig  # noqa: E402
-from modeling_protllm import ProtLLMForConditionalGeneration  # noqa: E402
+from protllm.model_classes import causal_lm_class  # noqa: E402
 
 PROTEIN_TOKEN_ID = 5
 
@@ -38,7 +38,7 @@ def build(layers: int, hidden: int, vocab: int, num_residues: int, prompt_text: 
     config = ProtLLMConfig(protein_config=protein, text_config=text, protein_token_id=PROTEIN_TOKEN_ID,
                            max_protein_length=num_residues)
     torch.manual_seed(0)
-    model = ProtLLMForConditionalGeneration(config).eval()
+    model = causal_lm_class(config)(config).eval()
     residues = torch.randint(4, 24, (1, num_residues))
     protein_input_ids = torch.cat([torch.zeros(1, 1, dtype=torch.long), residues, torch.full((1, 1), 2)], dim=1)
     input_ids = torch.randint(6, vocab, (1, num_residues + prompt_text))

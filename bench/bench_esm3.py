@@ -18,7 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from esm3_protllm import ESM3_STRUCTURE_ENCODER_SIZES, EVOLUTIONARYSCALE_MODELS, evolutionaryscale_esm  # noqa: E402
+from configuration_protllm import ESM3_STRUCTURE_ENCODER_SIZES  # noqa: E402
+from esm3_protllm import EVOLUTIONARYSCALE_MODELS, evolutionaryscale_esm  # noqa: E402
 from protllm.testing import build_tiny_protllm, tiny_evolutionaryscale_config  # noqa: E402
 from structure_protllm import load_structure  # noqa: E402
 

@@ -46,7 +46,7 @@ PROTEIN_TOKEN_ID = 5
 
 def build_model(args, structure: bool, device):
     from configuration_protllm import ProtLLMConfig
-    from modeling_protllm import ProtLLMForConditionalGeneration
+    from protllm.model_classes import causal_lm_class
 
     protein = dict(TINY_ESM if args.tiny else ESM2_650M)
     text = dict(TINY_LLAMA if args.tiny else LLAMA_31_8B)
@@ -60,7 +60,7 @@ def build_model(args, structure: bool, device):
     torch.set_default_dtype(torch.bfloat16)  # allocate (and initialise) the 8B directly in bf16 on the device
     try:
         with torch.device(device):
-            model = ProtLLMForConditionalGeneration(config)
+            model = causal_lm_class(config)(config)
     finally:
         torch.set_default_dtype(default)
     from peft import LoraConfig, get_peft_model

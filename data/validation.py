@@ -1,7 +1,7 @@
 """Rows checked before a run: every bad row named by id, line and reason, then stop or skip (`on_bad_rows`).
 
 A row is bad when one of its proteins cannot be read: an empty sequence, a residue outside the one residue rule
-(`structure_protllm.clean_sequence`: 20 amino acids and B, Z, U, O, X), a protein with neither sequence nor
+(`processing_protllm.clean_residues`: 20 amino acids and B, Z, U, O, X), a protein with neither sequence nor
 structure, or a row with no recognisable protein at all. Training (`data.on_bad_rows` in a recipe) and evaluation
 (`python -m eval --on_bad_rows`) use the same check, so a row is refused the same way in both, before any model is
 loaded:
@@ -60,7 +60,7 @@ def row_proteins(row: dict) -> list[dict] | None:
 
 def row_problem(row: dict) -> str | None:
     """Why `row` cannot be used (the first problem found), or None."""
-    from structure_protllm import clean_sequence
+    from processing_protllm import clean_residues
 
     proteins = row_proteins(row)
     if proteins is None:
@@ -72,7 +72,7 @@ def row_problem(row: dict) -> str | None:
         if sequence is None:
             return f"protein {index}: no sequence and no structure"
         try:
-            clean_sequence(sequence, f"protein {index}", ValueError)
+            clean_residues(sequence, f"protein {index}")
         except ValueError as error:
             return str(error)
     return None

@@ -187,12 +187,12 @@ class Retrieval:
         by_task: dict[str, list] = {}
         for ex in examples:
             by_task.setdefault(ex["task"], []).append(ex)
-        from structure_protllm import clean_sequence
+        from processing_protllm import clean_residues
 
         for ex in examples:  # a query MMseqs2 cannot search must not quietly get the most-common answer
             sequence = next((p.get("sequence") for p in ex.get("proteins") or [] if p.get("sequence") is not None), None)
             try:
-                clean_sequence(sequence, f"retrieval: example {ex['id']}", ValueError)
+                clean_residues(sequence, f"retrieval: example {ex['id']}")
             except ValueError as error:
                 raise ValueError(f"{error} (python -m eval refuses such rows before predicting)") from None
         for task, exs in by_task.items():

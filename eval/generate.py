@@ -301,6 +301,10 @@ class ModelPredictor:
         # Without retrieval, a model that has a database is told "none found" (as in training); one without sees no block.
         no_neighbours = not self.retrieval and getattr(self._proc, "retrieval_database", None) is not None
         msgs = [build_messages(ex, no_neighbours=no_neighbours) for ex in examples]
+        if not getattr(self._proc, "reads_structures", True):  # a sequence model: structure files -> sequences
+            from protllm.model_classes import sequence_only_messages
+
+            msgs = [sequence_only_messages(m) for m in msgs]
         inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                 return_tensors="pt", padding=True)
         dev = getattr(self._model, "device", self.device)

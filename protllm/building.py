@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from configuration_protllm import ProtLLMConfig
-from modeling_protllm import ProtLLMForConditionalGeneration
 from moe_protllm import moe_blocks
-from processing_protllm import ProtLLMProcessor, build_protein_tokenizer
+from structure_processing_protllm import build_protein_tokenizer  # ESM-2's or SaProt's (which lives with the 3Di code)
 
+from .model_classes import causal_lm_class, processor_class
 from .parameter_groups import numel, parameter_counts, protllm_core
 
 logger = logging.getLogger("protllm.building")
@@ -133,7 +133,7 @@ def build_protllm(
     else:
         protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
 
-    processor = ProtLLMProcessor.from_tokenizers(tokenizer, protein_tokenizer, **(processor_kwargs or {}))
+    processor = processor_class(config_kwargs).from_tokenizers(tokenizer, protein_tokenizer, **(processor_kwargs or {}))
     if len(processor.tokenizer) > llm.config.vocab_size:
         # Whole tensors even under ZeRO-3 (see _built_whole_under_zero3); transformers' resize gathers them otherwise.
         llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
@@ -152,7 +152,7 @@ def build_protllm(
 
     # The skeleton on the meta device: no random 8B LLM allocated (and initialised) only to be overwritten.
     with torch.device("meta"):
-        model = ProtLLMForConditionalGeneration(config)
+        model = causal_lm_class(config)(config)
     core = model.model
     llm_body = llm.model if hasattr(llm, "model") else llm.base_model
     if quantization:
@@ -395,7 +395,8 @@ def load_evolutionaryscale_encoder(name_or_path, backend: str, protein_config: d
     """
     from pathlib import Path
 
-    from esm3_protllm import EVOLUTIONARYSCALE_MODELS, ProtLLMEvolutionaryScaleEncoder, evolutionaryscale_protein_config_kwargs
+    from configuration_protllm import evolutionaryscale_protein_config_kwargs
+    from esm3_protllm import EVOLUTIONARYSCALE_MODELS, ProtLLMEvolutionaryScaleEncoder
     from transformers import AutoConfig
 
     by_hub_id = {spec["hub_id"]: name for name, spec in EVOLUTIONARYSCALE_MODELS.items()}

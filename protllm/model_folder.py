@@ -1,8 +1,9 @@
 """Saving and loading ProtLLM model folders (the format that loads anywhere with the Auto classes).
 
 `save_model_folder` writes weights (safetensors), config with an `auto_map` for AutoConfig, AutoModel and
-AutoModelForCausalLM, the processor with both tokenizers and an `auto_map` for AutoProcessor, and every
-remote-code file the modules import. It writes into a hidden sibling and swaps it in (`protllm.atomic`): a kill
+AutoModelForCausalLM, the processor with both tokenizers and an `auto_map` for AutoProcessor, and the remote-code
+files those classes import: only what this model uses (`protllm.model_classes` explains how a folder gets the
+optional modules). It writes into a hidden sibling and swaps it in (`protllm.atomic`): a kill
 leaves the previous folder or the new one, never a half.
 
 `load_model_folder` is how our tooling opens a folder: the `auto_map` check first (`protllm.remote_code`), then the
@@ -12,6 +13,7 @@ classes of this process (`register_auto_classes`), so no code from the folder ru
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +22,10 @@ from modeling_protllm import ProtLLMForConditionalGeneration, ProtLLMModel
 from processing_protllm import ProtLLMProcessor
 
 from .atomic import staged_directory
-from .remote_code import REMOTE_CODE_FILES, check_auto_map
+from .model_classes import causal_lm_class, processor_class
+from .remote_code import PIPELINE_FILE, check_auto_map, needed_code_files
 
-__all__ = ["REMOTE_CODE_FILES", "check_auto_map", "load_model_folder", "register_auto_classes", "save_model_folder"]
+__all__ = ["check_auto_map", "load_model_folder", "needed_code_files", "register_auto_classes", "save_model_folder"]
 
 
 def register_auto_classes() -> None:
@@ -54,9 +57,14 @@ def save_model_folder(model, processor, directory, write_extras: Callable[[Path]
         processor.save_pretrained(staging)
         # register_for_auto_class records only the class saved: add AutoModel so both Auto classes load the folder.
         config = ProtLLMConfig.from_pretrained(staging)
-        config.auto_map = {**(config.auto_map or {}), "AutoModel": "modeling_protllm.ProtLLMModel"}
+        base_model = type(model.model)
+        config.auto_map = {**(config.auto_map or {}), "AutoModel": f"{base_model.__module__.split('.')[-1]}.{base_model.__name__}"}
         config.save_pretrained(staging)
-        missing = [name for name in REMOTE_CODE_FILES if not (staging / name).is_file()]
+        if getattr(config, "custom_pipelines", None):  # a folder loaded from a shared one keeps its pipeline
+            import pipeline_protllm
+
+            shutil.copyfile(pipeline_protllm.__file__, staging / PIPELINE_FILE)
+        missing = [name for name in needed_code_files(staging) if not (staging / name).is_file()]
         if missing:
             raise FileNotFoundError(f"model folder {directory} lacks remote-code files {missing}")
         if write_extras is not None:
@@ -72,6 +80,8 @@ def load_model_folder(folder, **model_kwargs) -> tuple[ProtLLMForConditionalGene
     """
     folder = check_auto_map(folder)
     register_auto_classes()
-    model = ProtLLMForConditionalGeneration.from_pretrained(folder, **model_kwargs)
-    processor = ProtLLMProcessor.from_pretrained(folder)
+    # The classes this config needs (a folder saved before the optional modules existed names the core ones).
+    config = ProtLLMConfig.from_pretrained(folder)
+    model = causal_lm_class(config).from_pretrained(folder, **model_kwargs)
+    processor = processor_class(config).from_pretrained(folder)
     return model, processor

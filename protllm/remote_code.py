@@ -15,20 +15,26 @@ import json
 import re
 from pathlib import Path
 
-# The files a saved folder needs for trust_remote_code loading (the modules import each other relatively).
-REMOTE_CODE_FILES = (
+# The remote code every folder carries: the model, its processor and what they import (collator, retrieval, MoE).
+CORE_CODE_FILES = (
     "collator_protllm.py",
     "configuration_protllm.py",
     "encoder_protllm.py",
-    "esm3_protllm.py",
     "modeling_protllm.py",
     "moe_protllm.py",
     "processing_protllm.py",
     "retrieval_protllm.py",
+)
+# Modules only some models need. Each subclasses core classes, and a folder whose auto_map names that subclass
+# carries the module (and what it imports): ESM3 / ESM C encoders; the processor that reads structure files.
+OPTIONAL_CODE_FILES = (
+    "esm3_protllm.py",
     "saprot_protllm.py",
     "structure_files_protllm.py",
+    "structure_processing_protllm.py",
     "structure_protllm.py",
 )
+REMOTE_CODE_FILES = (*CORE_CODE_FILES, *OPTIONAL_CODE_FILES)
 # The `protein-function` pipeline, added to folders that are shared (named in config.json's `custom_pipelines`).
 PIPELINE_FILE = "pipeline_protllm.py"
 OUR_CODE_FILES = (*REMOTE_CODE_FILES, PIPELINE_FILE)
@@ -41,6 +47,8 @@ CODE_REFERENCING_FILES = (
     "protein_tokenizer/tokenizer_config.json",
 )
 _MODULE_DOT_CLASS = re.compile(r"^([A-Za-z_]\w*)\.([A-Za-z_]\w*)$")
+# A relative import as transformers finds one (`dynamic_module_utils.get_relative_imports`): at any indentation.
+RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\S+)\s+import", re.MULTILINE)
 
 
 class ForeignCodeError(ValueError):
@@ -94,6 +102,30 @@ def auto_map_problems(folder) -> list[str]:
             elif not (folder / f"{match.group(1)}.py").is_file():
                 problems.append(f"{name} {where} = {ref!r} names {match.group(1)}.py, which is not in the folder")
     return problems
+
+
+def needed_code_files(folder) -> list[str]:
+    """The remote-code files transformers reads to load `folder`, sorted: each module its auto_map and custom_pipelines
+    name, and every module those import relatively, transitively (what `trust_remote_code` copies or downloads).
+    A named or imported file that is missing is listed too, so a caller can report it."""
+    folder = Path(folder)
+    pending = []
+    for name in CODE_REFERENCING_FILES:
+        path = folder / name
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        for _, ref in _references(data if isinstance(data, dict) else {}):
+            match = _MODULE_DOT_CLASS.match(ref) if isinstance(ref, str) else None
+            if match is not None:
+                pending.append(f"{match.group(1)}.py")
+    needed = set()
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        if (folder / name).is_file():
+            pending += [f"{module}.py" for module in RELATIVE_IMPORT.findall((folder / name).read_text())]
+    return sorted(needed)
 
 
 def check_auto_map(folder) -> Path:

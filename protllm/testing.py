@@ -8,8 +8,7 @@ import torch
 
 from configuration_protllm import ProtLLMConfig
 from .local_weights import smollm2_path
-from modeling_protllm import ProtLLMForConditionalGeneration
-from processing_protllm import ProtLLMProcessor, build_protein_tokenizer
+from .model_classes import causal_lm_class, processor_class
 
 TINY_TEXT_CONFIGS = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -33,11 +32,9 @@ def build_tiny_protllm(text_model_type: str = "llama", seed: int = 0, text_confi
     encoder_input = config_kwargs.get("protein_encoder_input", "sequence")
     processor_kwargs = dict(processor_kwargs or {})
     processor_kwargs.setdefault("protein_encoder_input", encoder_input)
-    processor = ProtLLMProcessor.from_tokenizers(
-        str(smollm2_path(tokenizer_only=True)),
-        build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm"),
-        **processor_kwargs,
-    )
+    # The processor class the model needs (the structure reader only for a model that reads structures); it builds
+    # the protein tokenizer protein_encoder_input asks for (ESM-2's, or SaProt's).
+    processor = processor_class(config_kwargs).from_tokenizers(str(smollm2_path(tokenizer_only=True)), **processor_kwargs)
     text = dict(TINY_TEXT_CONFIGS[text_model_type], **(text_config or {}))
     text["vocab_size"] = len(processor.tokenizer)
     tokenizer = processor.tokenizer
@@ -53,7 +50,7 @@ def build_tiny_protllm(text_model_type: str = "llama", seed: int = 0, text_confi
     processor.num_query_tokens = config.num_query_tokens if config.projector_type == "resampler" else None
     processor.max_protein_length = config.max_protein_length
     torch.manual_seed(seed)
-    model = ProtLLMForConditionalGeneration(config)
+    model = causal_lm_class(config)(config)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

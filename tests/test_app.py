@@ -43,6 +43,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _chain_sequence(path, chain: str) -> str:
+    """The residues of `chain` in a structure file: what the app's sequence model is asked about after an upload (its
+    processor reads sequences only; the structure's coordinates reach only a model that reads structures)."""
+    from structure_protllm import load_structure
+
+    return load_structure(str(path), chain=chain).sequence
+
+
 def _protein_chat(protein: dict, question: str, earlier_turns=()) -> list[dict]:
     """The documented chat format (README "Use a released model"): the protein goes with the first user turn.
 
@@ -229,7 +237,7 @@ def test_structure_upload_with_chain_matches_generate(client, direct, shared_dat
     for chain in ("A", "B"):
         answer, _, status, _ = client.predict("", NAME_QUESTION, handle_file(str(path)), chain, api_name="/answer")
         assert f"chain {chain} of 1A05.pdb.gz" in status
-        assert answer == direct(_protein_chat({"structure": str(path), "chain": chain}, NAME_QUESTION))
+        assert answer == direct(_protein_chat({"sequence": _chain_sequence(path, chain)}, NAME_QUESTION))
     status = client.predict("", NAME_QUESTION, handle_file(str(path)), "Z", api_name="/answer")[2]
     assert "chain 'Z' not found" in status and "'A', 'B'" in status
 
@@ -301,7 +309,7 @@ def test_browser_types_a_sequence_and_reads_the_answer(server, direct, shared_da
             page.get_by_role("option", name="B (").click()
             page.get_by_role("button", name="Ask").click()
             expect(page.locator("#status")).to_contain_text("from chain B of 1A05.pdb.gz")
-            expected = direct(_protein_chat({"structure": str(structure), "chain": "B"}, DEFAULT_QUESTION))
+            expected = direct(_protein_chat({"sequence": _chain_sequence(structure, "B")}, DEFAULT_QUESTION))
             expect(page.get_by_label("Answer", exact=True)).to_have_value(expected)
         finally:
             browser.close()

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fresh_process import run_fresh_python
-from protllm.model_folder import REMOTE_CODE_FILES, save_model_folder
+from protllm.model_folder import save_model_folder
+from protllm.remote_code import CORE_CODE_FILES, OPTIONAL_CODE_FILES
 from processing_protllm import ProteinInputError
 from protllm.testing import build_tiny_protllm
 
@@ -93,8 +94,10 @@ def test_fresh_process_round_trip_is_bit_identical(tmp_path, text_model, backend
                                           num_query_tokens=6, resampler_num_heads=4)
     folder = tmp_path / "model"
     save_model_folder(model, processor, folder)
-    for name in REMOTE_CODE_FILES + ("config.json", "model.safetensors", "processor_config.json"):
+    for name in CORE_CODE_FILES + ("config.json", "model.safetensors", "processor_config.json"):
         assert (folder / name).is_file(), name
+    # A sequence model carries no optional module (ESM3 encoders, structure reading): it never runs them.
+    assert [name for name in OPTIONAL_CODE_FILES if (folder / name).exists()] == []
     assert (folder / "protein_tokenizer").is_dir()
     inputs = generation_inputs(processor, [chat(s) for s in SEQS])
     with torch.no_grad():

@@ -90,7 +90,7 @@ def test_config_takes_the_esm_package_sizes_and_records_the_backend():
     with pytest.raises(ValueError, match="unknown keys"):
         ProtLLMConfig(protein_encoder_backend="esm3", protein_config={"d_model": 32, "n_heads": 2, "n_layer": 2, "v_heads": 2})
     with pytest.raises(Exception, match="protein_encoder_input must be .sequence."):
-        tiny("esmc", protein_encoder_input="saprot")
+        ProtLLMConfig(protein_encoder_backend="esmc", protein_encoder_input="saprot", text_config={"model_type": "llama"})
 
 
 @pytest.mark.parametrize("backend", ["esmc", "esm3"])
@@ -158,7 +158,8 @@ def test_esm3_structure_tokens_from_real_csa_structures_mask_missing_residues(cs
 def test_batched_equals_one_at_a_time_generation_and_cached_features(backend, csa_chain):
     model, processor = tiny(backend)
     (path, structure), _ = csa_chain
-    proteins = [{"structure": str(path)}, {"sequence": "MKTAYIAKQRQISFVK"}]
+    # ESM C reads no structure, so its processor reads no structure file: it is given the parsed chain.
+    proteins = [{"structure": str(path) if backend == "esm3" else structure}, {"sequence": "MKTAYIAKQRQISFVK"}]
     batch = processor.apply_chat_template([messages(p) for p in proteins], add_generation_prompt=True, tokenize=True,
                                           return_dict=True, return_tensors="pt")
     with torch.no_grad():
@@ -191,39 +192,69 @@ def test_trainable_encoder_leaves_heads_and_structure_encoder_frozen():
 RELOAD_SCRIPT = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoProcessor
-folder, protein = sys.argv[1], json.loads(sys.argv[2])
+folder, protein, out = {folder!r}, {protein!r}, {out!r}
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__name__ == "ProtLLMEvolutionaryScaleForConditionalGeneration", type(model)
+assert type(model).__module__.endswith(".esm3_protllm"), type(model).__module__  # the folder's own code ran
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-messages = [{"role": "user", "content": [dict(protein, type="protein"), {"type": "text", "text": "What does this enzyme do?"}]}]
+messages = [{{"role": "user", "content": [dict(protein, type="protein"), {{"type": "text", "text": "What does this enzyme do?"}}]}}]
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 with torch.no_grad():
     logits = model(**inputs).logits
 from safetensors.torch import save_file
-save_file({"logits": logits.contiguous()}, sys.argv[3])
-print("esm is fair-esm:", "esm" not in sys.modules or hasattr(sys.modules["esm"], "pretrained") and hasattr(sys.modules["esm"].pretrained, "esm2_t6_8M_UR50D"))
+save_file({{"logits": logits.contiguous()}}, out)
+esm = sys.modules.get("esm")
+assert esm is None or hasattr(esm, "pretrained") and hasattr(esm.pretrained, "esm2_t6_8M_UR50D"), "esm is not fair-esm"
 """
 
 
 @pytest.mark.parametrize("backend", ["esmc", "esm3"])
 def test_save_and_reload_through_auto_classes_in_a_fresh_process_bit_identical(backend, tmp_path, csa_chain):
+    """A saved ESM3 / ESM C folder names the optional module's subclasses in its auto_map, carries that module, and
+    loads through the Auto classes in a process that cannot import the repository, with the same logits."""
+    from fresh_process import run_fresh_python
+
     from protllm.model_folder import save_model_folder
 
     model, processor = tiny(backend)
-    (path, _), _ = csa_chain
-    protein = {"structure": str(path)}
+    assert type(model).__name__ == "ProtLLMEvolutionaryScaleForConditionalGeneration"
+    (path, structure), _ = csa_chain
+    # ESM C reads no structure (its processor reads no structure file): it gets the chain's sequence.
+    protein = {"structure": str(path)} if backend == "esm3" else {"sequence": structure.sequence}
     folder = save_model_folder(model, processor, tmp_path / "model")
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "esm3_protllm.ProtLLMEvolutionaryScaleForConditionalGeneration"
+    assert auto_map["AutoModel"] == "esm3_protllm.ProtLLMEvolutionaryScaleModel"
     assert (folder / "esm3_protllm.py").is_file()
     inputs = processor.apply_chat_template(messages(protein), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits
-    script = tmp_path / "reload.py"
-    script.write_text(RELOAD_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(folder), json.dumps(protein), str(tmp_path / "logits.safetensors")],
-                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    out = tmp_path / "logits.safetensors"
+    run_fresh_python(RELOAD_SCRIPT.format(folder=str(folder), protein=protein, out=str(out)), cwd=empty, timeout=600)
     from safetensors.torch import load_file
 
-    assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"], expected)
+    assert torch.equal(load_file(out)["logits"], expected)
+
+
+def test_core_classes_refuse_an_evolutionaryscale_config_and_name_the_subclass():
+    """The core model files carry no ESM3 code: building the core class for an esm3 / esmc config fails at once with
+    the class to use, and our tooling (`causal_lm_class`) picks that subclass."""
+    from configuration_protllm import ProtLLMConfig
+    from esm3_protllm import ProtLLMEvolutionaryScaleForConditionalGeneration
+    from modeling_protllm import ProtLLMForConditionalGeneration, ProtLLMModel
+    from protllm.model_classes import causal_lm_class
+
+    for backend in ("esm3", "esmc"):
+        config = ProtLLMConfig(protein_encoder_backend=backend, protein_config=tiny_evolutionaryscale_config(backend),
+                               text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                            "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128})
+        for core_class in (ProtLLMForConditionalGeneration, ProtLLMModel):
+            with pytest.raises(ValueError, match=f"protein_encoder_backend='{backend}'.*esm3_protllm.ProtLLMEvolutionaryScaleForConditionalGeneration"):
+                core_class(config)
+        assert causal_lm_class(config) is ProtLLMEvolutionaryScaleForConditionalGeneration
+    assert causal_lm_class(ProtLLMConfig(text_config={"model_type": "llama"})) is ProtLLMForConditionalGeneration
 
 
 def test_other_backends_never_import_the_esm_package(tmp_path):

@@ -89,6 +89,15 @@ def processor():
                                             max_protein_length=64)
 
 
+@pytest.fixture(scope="module")
+def structure_processor():
+    """The processor of models that read structures: it parses the fuzzed structure bytes and text."""
+    from protllm.local_weights import smollm2_path
+    from structure_processing_protllm import ProtLLMStructureProcessor
+
+    return ProtLLMStructureProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), max_protein_length=64)
+
+
 # Characters chosen to hit the residue policy's edges: valid letters (both cases), the ESM specials that are
 # not residues (. - J), digits, unicode letters whose upper case is ASCII (ß -> SS, ı -> I, ſ -> S, ﬃ -> FFI),
 # unicode white space, a terminal stop, NUL, surrogate-free astral characters, combining marks.
@@ -174,9 +183,13 @@ def mixed_batches(draw):
 
 
 @settings(max_examples=_examples(250), **FUZZ)
+@pytest.mark.parametrize("which", ["processor", "structure_processor"])
 @given(batch=mixed_batches(), as_single=st.booleans())
-def test_processor_mixed_batches_only_raise_protein_input_error(processor, batch, as_single):
-    CASES["processor_mixed_batches"] += 1
+def test_processor_mixed_batches_only_raise_protein_input_error(request, which, batch, as_single):
+    """Both processors: the core one refuses every structure input, the structure one parses it; either way only
+    ProteinInputError naming the protein or text."""
+    processor = request.getfixturevalue(which)
+    CASES[f"{which}_mixed_batches"] += 1
     texts, proteins = batch
     if as_single:
         texts, proteins = texts[0], proteins[0]
@@ -745,10 +758,9 @@ def app_demo(processor):
     """The app's input path (`ProtLLMDemo.protein_block`) on the fuzz processor: no model is needed to check input."""
     pytest.importorskip("gradio")
     import app
-    import structure_protllm
 
     demo = app.ProtLLMDemo.__new__(app.ProtLLMDemo)
-    demo.processor, demo.structure = processor, structure_protllm
+    demo.processor = processor  # a sequence model's: the app parses uploads itself and hands over the structure
     return app, demo
 
 

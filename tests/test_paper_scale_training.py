@@ -22,6 +22,7 @@ from fresh_process import run_fresh_python
 from processing_protllm import build_protein_tokenizer
 from protllm.building import build_from_recipe, build_protllm
 from protllm.local_weights import smollm2_path
+from protllm.model_classes import sequence_only_messages
 from protllm.testing import build_tiny_protllm, tiny_protein_config
 from protllm.training.collator import ProtLLMDataCollator
 from protllm.training.feature_cache import FeatureCache
@@ -483,6 +484,17 @@ def dry_run(tmp_path, recipe_name, llm, esm, rows, max_length=512, lora=None, dt
     return tmp_path / "out"
 
 
+def first_protein_for(folder: Path, csa_rows: Path) -> dict:
+    """The first CSA row's protein as the released folder's processor takes it: the structure file for a model that
+    reads structures (SEPIT), the chain's sequence for a sequence model (STELLA), whose processor refuses files."""
+    row = json.loads(csa_rows.read_text().splitlines()[0])
+    messages = [{"role": "user", "content": [row["messages"][0]["content"][0]]}]
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    if processor_config["processor_class"] == "ProtLLMProcessor":
+        messages = sequence_only_messages(messages)
+    return {k: v for k, v in messages[0]["content"][0].items() if k != "type" and v is not None}
+
+
 @pytest.mark.parametrize("recipe_name", ["stella", "sepit"])
 def test_paper_recipe_dry_run_in_bf16_then_loads_and_generates(tmp_path, checkpoints, csa_rows, recipe_name):
     llm, esm = checkpoints
@@ -491,8 +503,7 @@ def test_paper_recipe_dry_run_in_bf16_then_loads_and_generates(tmp_path, checkpo
     for stage in recipe["stages"]:
         summary = json.loads((out / "stages" / stage["name"] / "stage_complete.json").read_text())
         assert summary["steps"] == 2
-    row = json.loads(csa_rows.read_text().splitlines()[0])
-    protein = {k: v for k, v in row["messages"][0]["content"][0].items() if k != "type"}
+    protein = first_protein_for(out / "model", csa_rows)
     result = run_fresh_python(GENERATE_SCRIPT.format(folder=str(out / "model"), protein=protein, dtype="bfloat16"), cwd=REPO)
     result = json.loads(result.split("RESULT")[1])
     assert result == {"dtypes": ["torch.bfloat16"], "new_tokens": 4}
@@ -523,8 +534,7 @@ def test_paper_recipes_dry_run_at_real_widths(tmp_path, csa_rows, dtype):
     for recipe_name in ("stella", "sepit"):
         out = dry_run(tmp_path / recipe_name, recipe_name, llm, esm, csa_rows, max_length=256,
                       lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}, dtype=dtype)
-        row = json.loads(csa_rows.read_text().splitlines()[0])
-        protein = {k: v for k, v in row["messages"][0]["content"][0].items() if k != "type"}
+        protein = first_protein_for(out / "model", csa_rows)
         result = json.loads(run_fresh_python(GENERATE_SCRIPT.format(folder=str(out / "model"), protein=protein, dtype=dtype),
                                              cwd=REPO, timeout=600).split("RESULT")[1])
         assert result == {"dtypes": [f"torch.{dtype}"], "new_tokens": 4}

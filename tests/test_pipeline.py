@@ -115,6 +115,16 @@ def test_bad_inputs_are_clear_errors(tiny, bad, message):
         pipe(bad, max_new_tokens=2)
 
 
+def test_structure_file_given_to_a_sequence_model_is_the_processors_clear_error(tiny, shared_data):
+    """The pipeline reads no structure itself: a sequence model's processor refuses the file, naming it."""
+    _, processor, pipe = tiny
+    assert type(processor).__name__ == "ProtLLMProcessor"
+    path = shared_data / "structures" / "csa_enzymes" / "1A05.pdb.gz"
+    with pytest.raises(ValueError, match=r"protein 0: got the structure file '1A05\.pdb\.gz', but this model's processor "
+                                         r"reads sequences only"):
+        pipe({"structure": str(path), "chain": "A"}, max_new_tokens=2)
+
+
 def test_sharing_registers_the_task():
     from transformers.pipelines import PIPELINE_REGISTRY
 

@@ -15,8 +15,8 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from fresh_process import run_fresh_python
 from pipeline_protllm import ProteinFunctionPipeline
 from protllm import sharing
-from protllm.model_folder import REMOTE_CODE_FILES, load_model_folder, save_model_folder
-from protllm.remote_code import ForeignCodeError, auto_map_problems
+from protllm.model_folder import load_model_folder, save_model_folder
+from protllm.remote_code import CORE_CODE_FILES, OPTIONAL_CODE_FILES, ForeignCodeError, auto_map_problems
 from protllm.sharing.__main__ import main as sharing_cli
 from protllm.sharing.hub import _adapter_weights
 from protllm.sharing.snippet import README_REPO_ID
@@ -108,8 +108,9 @@ def test_push_uploads_weights_config_processor_code_and_card(shared):
     assert uploaded["repo_id"] == REPO_ID
     expected = {"model.safetensors", "config.json", "generation_config.json", "README.md", "processor_config.json",
                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "protein_tokenizer/vocab.txt",
-                "protein_tokenizer/tokenizer_config.json", "pipeline_protllm.py", *REMOTE_CODE_FILES}
+                "protein_tokenizer/tokenizer_config.json", "pipeline_protllm.py", *CORE_CODE_FILES}
     assert expected <= files, expected - files
+    assert files.isdisjoint(OPTIONAL_CODE_FILES), files & set(OPTIONAL_CODE_FILES)  # a sequence model uses none
     assert not any("__pycache__" in f for f in files)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_protllm.ProtLLMConfig",
@@ -235,6 +236,19 @@ def test_push_refuses_incomplete_folders_and_names_what_is_missing(copy_of, remo
             sharing.push_model_folder(copy_of, REPO_ID)
     create_repo.assert_not_called()
     upload.assert_not_called()
+
+
+def test_push_names_an_optional_module_the_auto_map_needs_but_the_folder_lacks(copy_of):
+    """A folder whose processor is the structure-reading subclass needs that module and what it imports."""
+    processor_config = json.loads((copy_of / "processor_config.json").read_text())
+    processor_config["auto_map"]["AutoProcessor"] = "structure_processing_protllm.ProtLLMStructureProcessor"
+    (copy_of / "processor_config.json").write_text(json.dumps(processor_config))
+    problems = sharing.check_model_folder(copy_of)
+    assert "remote-code file structure_processing_protllm.py" in problems, problems
+    # With the module copied in, what it imports is named next.
+    shutil.copyfile(REPO_ROOT / "structure_processing_protllm.py", copy_of / "structure_processing_protllm.py")
+    problems = sharing.check_model_folder(copy_of)
+    assert "remote-code file structure_protllm.py" in problems, problems
 
 
 def test_push_names_a_missing_auto_map_entry(copy_of):

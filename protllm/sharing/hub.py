@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import shutil
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-from ..remote_code import OUR_CODE_FILES, PIPELINE_FILE, auto_map_problems, check_auto_map
+from ..remote_code import PIPELINE_FILE, RELATIVE_IMPORT, auto_map_problems, check_auto_map, needed_code_files
 from .card import HUB_ID_PATTERN, card_has_eval_results, safetensors_header, write_adapter_card, write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +78,6 @@ def prepare_model_folder(folder, **card_kwargs) -> Path:
     return Path(folder)
 
 
-_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)
 
 
 def check_model_folder(folder) -> list[str]:
@@ -103,9 +101,10 @@ def check_model_folder(folder) -> list[str]:
     if not weights:
         legacy = sorted(p.name for p in folder.glob("*.bin"))
         problems.append("weights: no *.safetensors file" + (f" (found {legacy}: save with safe_serialization)" if legacy else ""))
-    problems += [f"remote-code file {name}" for name in OUR_CODE_FILES if not (folder / name).is_file()]
+    # The files transformers reads for this folder's auto_map: the core ones, plus the optional ones its model uses.
+    problems += [f"remote-code file {name}" for name in needed_code_files(folder) if not (folder / name).is_file()]
     for py in sorted(folder.glob("*.py")):
-        for module in _RELATIVE_IMPORT.findall(py.read_text()):
+        for module in RELATIVE_IMPORT.findall(py.read_text()):
             if not (folder / f"{module}.py").is_file():
                 problems.append(f"remote-code file {module}.py (imported by {py.name})")
     for file, keys in REQUIRED_AUTO_MAP.items():

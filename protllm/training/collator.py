@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collator_protllm import ProtLLMDataCollator as _RemoteCodeCollator
 
+from ..model_classes import sequence_only_messages
 from .data import rows_to_messages
 
 
 class ProtLLMDataCollator(_RemoteCodeCollator):
     """Rows -> padded model inputs with `labels` on assistant answers only (see `collator_protllm`).
 
-    Beyond the remote-code collator: rows may be Alpaca / OPI records (`instruction`, `input`, `output`), and with a
+    Beyond the remote-code collator: rows may be Alpaca / OPI records (`instruction`, `input`, `output`); for a model
+    that reads sequences only, a protein given as a structure file becomes its chain's sequence; and with a
     `FeatureCache` the protein tokens are replaced by the cached encoder states (`protein_embeds`,
     `protein_embeds_mask`).
     """
@@ -28,8 +30,12 @@ class ProtLLMDataCollator(_RemoteCodeCollator):
 
     def row_messages(self, row: dict):
         if row.get("messages") or "prompt" in row:
-            return super().row_messages(row)
-        return rows_to_messages(row), 0
+            found = super().row_messages(row)
+        else:
+            found = rows_to_messages(row), 0
+        if found is not None and not getattr(self.processor, "reads_structures", True):
+            found = sequence_only_messages(found[0]), found[1]  # a sequence model: structure files -> sequences
+        return found
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = super().__call__(rows)

@@ -24,6 +24,7 @@ from transformers import set_seed
 from modeling_protllm import ProtLLMForConditionalGeneration
 
 from ..building import model_parameter_counts, upcycle_to_moe
+from ..model_classes import causal_lm_class
 from ..model_folder import save_model_folder
 from ..parameter_groups import numel, protllm_core, set_trainable
 from .collator import ProtLLMDataCollator
@@ -98,7 +99,7 @@ def _lora_model(model, spec: dict):
 
 def _fresh_protllm(config, generation_config) -> ProtLLMForConditionalGeneration:
     """An unsharded ProtLLM of `config` for `unsharded_copy` to fill with the trained weights."""
-    fresh = ProtLLMForConditionalGeneration(config)
+    fresh = causal_lm_class(config)(config)
     fresh.generation_config = generation_config
     return fresh
 
