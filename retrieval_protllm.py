@@ -117,25 +117,6 @@ class RetrievalDatabase:
     def __repr__(self) -> str:
         return f"RetrievalDatabase({len(self)} proteins, k={self.config['k']})"
 
-    @classmethod
-    def from_records(cls, records, config: dict | None = None) -> "RetrievalDatabase":
-        """Merge `{"id", "sequence", "field", "text"}` records (one per annotation) into one entry per protein id.
-
-        A protein met twice with different sequences is an error naming it; the first text of a field wins.
-        """
-        by_id: dict[str, dict] = {}
-        for record in records:
-            key, sequence = record["id"], str(record["sequence"]).strip().upper()
-            entry = by_id.setdefault(key, {"id": key, "sequence": sequence, "annotations": {}})
-            if entry["sequence"] != sequence:
-                raise RetrievalError(f"protein {key!r} appears with two different sequences")
-            if record.get("cluster") is not None:
-                entry["cluster"] = record["cluster"]
-            text = record.get("text")
-            if text is not None and str(text).strip():
-                entry["annotations"].setdefault(record["field"], str(text).strip())
-        return cls(list(by_id.values()), config)
-
     # ----- files -----------------------------------------------------------------------------------------
 
     def save(self, directory) -> Path:
@@ -212,75 +193,44 @@ class RetrievalDatabase:
 
     # ----- search ----------------------------------------------------------------------------------------
 
-    def search(self, sequences: list[str], k: int | None = None, exclude: list | None = None,
-               max_identity: float | None = None, exclude_same_cluster: bool = False,
-               threads: int | None = None) -> list[list[dict]]:
-        """Top-`k` neighbours of each query sequence, best E-value first.
+    def search(self, sequences: list[str], k: int | None = None, threads: int | None = None) -> list[list[dict]]:
+        """Top-`k` neighbours of each query sequence (E-value <= `max_evalue`), best E-value first.
 
         Args:
             sequences: `Q` protein sequences.
-            exclude: per query, an id or a collection of ids never returned (leave-one-out: the query's own id).
-            exclude_same_cluster: also exclude every database protein sharing the `cluster` of an excluded id.
-            max_identity: drop neighbours above this identity (0-1): in training, so the model learns to use
-                distant homologs instead of copying a near-identical one.
         Returns: `Q` lists of `{"id", "identity", "evalue", "score", "coverage", "annotations"}`.
         """
         if pyswrd is None:
             raise ImportError("retrieval needs the `pyswrd` package (pip install pyswrd); or pass "
                               "retrieval=False / your own neighbours blocks")
         k = self.config["k"] if k is None else k
-        if exclude is not None and len(exclude) != len(sequences):
-            raise RetrievalError(f"exclude has {len(exclude)} entries for {len(sequences)} queries")
         results: list[list[dict]] = [[] for _ in sequences]
         if not sequences or not self.entries or k <= 0:
             return results
         if self._targets is None:
             self._targets = pyswrd.Sequences([entry["sequence"] for entry in self.entries])
-            self._cluster_of = {entry["id"]: entry.get("cluster") for entry in self.entries}
-        excluded = [self._excluded_ids(item, exclude_same_cluster) for item in (exclude or [None] * len(sequences))]
         queries = [str(s).strip().upper() for s in sequences]
-        keys = [(query, k, frozenset(ids), max_identity, float(self.config["max_evalue"])) for query, ids in zip(queries, excluded)]
-        todo = sorted({i for i, key in enumerate(keys) if key not in self._found}, key=lambda i: keys[i])
-        unique = {}
-        for i in todo:  # one search per distinct (query, settings), even when a batch repeats a protein
-            unique.setdefault(keys[i], i)
-        todo = list(unique.values())
+        keys = [(query, k, float(self.config["max_evalue"])) for query in queries]
+        first_index: dict[tuple, int] = {}  # one search per distinct query, even when a batch repeats a protein
+        for i, key in enumerate(keys):
+            if key not in self._found:
+                first_index.setdefault(key, i)
+        todo = sorted(first_index.values(), key=lambda i: keys[i])
         if todo:
-            # Over-fetch so that k remain after exclusions.
-            margin = max((len(excluded[i]) for i in todo), default=0)
             threads = threads or int(self.config.get("threads") or os.environ.get("OMP_NUM_THREADS", 1) or 1)
-            hits = pyswrd.search(
-                [queries[i] for i in todo], self._targets,
-                max_alignments=k + margin + (50 if max_identity is not None else 0),
-                max_evalue=float(self.config["max_evalue"]), threads=threads,
-            )
+            hits = pyswrd.search([queries[i] for i in todo], self._targets, max_alignments=k,
+                                 max_evalue=float(self.config["max_evalue"]), threads=threads)
             found_todo: list[list[dict]] = [[] for _ in todo]
             for hit in hits:
                 entry = self.entries[hit.target_index]
-                found = found_todo[hit.query_index]
-                if len(found) >= k or entry["id"] in excluded[todo[hit.query_index]]:
-                    continue
-                identity = float(hit.result.identity())
-                if max_identity is not None and identity > max_identity:
-                    continue
-                found.append({"id": entry["id"], "identity": round(identity, 3), "evalue": float(hit.evalue),
-                              "score": int(hit.score), "coverage": round(float(hit.result.coverage("query")), 3),
-                              "annotations": dict(entry.get("annotations") or {})})
+                found_todo[hit.query_index].append({
+                    "id": entry["id"], "identity": round(float(hit.result.identity()), 3), "evalue": float(hit.evalue),
+                    "score": int(hit.score), "coverage": round(float(hit.result.coverage("query")), 3),
+                    "annotations": dict(entry.get("annotations") or {})})
             for i, found in zip(todo, found_todo):
                 found.sort(key=lambda n: (n["evalue"], -n["score"]))
-                self._found[keys[i]] = found
-        for i, key in enumerate(keys):
-            results[i] = [{**n, "annotations": dict(n["annotations"])} for n in self._found[key]]
-        return results
-
-    def _excluded_ids(self, item, same_cluster: bool) -> set:
-        if item is None:
-            return set()
-        ids = {item} if isinstance(item, str) else set(item)
-        clusters = {self._cluster_of.get(i) for i in ids} - {None} if same_cluster else set()
-        if clusters:
-            ids |= {i for i, c in self._cluster_of.items() if c in clusters}
-        return ids
+                self._found[keys[i]] = found[:k]
+        return [[{**n, "annotations": dict(n["annotations"])} for n in self._found[key]] for key in keys]
 
     # ----- prompts ---------------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def main():
     most_common = MostCommon(train)
     sequences = sorted({ex["proteins"][0]["sequence"].strip().upper() for ex in test})
     started = time.perf_counter()
-    found = dict(zip(sequences, database.search(sequences, k=1, max_identity=None)))
+    found = dict(zip(sequences, database.search(sequences, k=1)))
     print(f"pyswrd: {len(sequences)} test proteins x {len(database)} database proteins in "
           f"{time.perf_counter() - started:.1f} s; with a neighbour: {sum(1 for v in found.values() if v)}")
     by_task = collections.defaultdict(list)

@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("pyswrd")
 
+from protllm.training.retrieval import database_from_records, search_excluding  # noqa: E402
 from retrieval_protllm import NO_NEIGHBOURS_TEXT, RetrievalDatabase, RetrievalError, render_neighbours  # noqa: E402
 from tests.fresh_process import run_fresh_python  # noqa: E402
 
@@ -55,10 +56,25 @@ def test_leave_one_out_and_identity_threshold_exclusion():
     ], {"k": 5, "threads": 1})
     everything = [n["id"] for n in db.search([LYSOZYME])[0]]
     assert everything[:3] == ["self", "close", "distant"]
-    leave_one_out = [n["id"] for n in db.search([LYSOZYME], exclude=["self"])[0]]
+    leave_one_out = [n["id"] for n in search_excluding(db, [LYSOZYME], exclude=["self"])[0]]
     assert leave_one_out == ["close", "distant"]
-    capped = db.search([LYSOZYME], exclude=["self"], max_identity=0.9)[0]
+    capped = search_excluding(db, [LYSOZYME], exclude=["self"], max_identity=0.9)[0]
     assert [n["id"] for n in capped] == ["distant"] and capped[0]["identity"] <= 0.9
+
+
+def test_records_merge_into_one_entry_per_protein_and_a_conflicting_sequence_is_named():
+    db = database_from_records([
+        {"id": "P1", "sequence": LYSOZYME.lower(), "field": "protein_name", "text": " Lysozyme C "},
+        {"id": "P1", "sequence": LYSOZYME, "field": "ec_number", "text": "3.2.1.17", "cluster": "c1"},
+        {"id": "P1", "sequence": LYSOZYME, "field": "protein_name", "text": "a later name"},
+        {"id": "P2", "sequence": UBIQUITIN, "field": "yes_no", "text": None},
+    ], {"k": 2})
+    assert [e["id"] for e in db.entries] == ["P1", "P2"] and db.config["k"] == 2
+    assert db.entries[0] == {"id": "P1", "sequence": LYSOZYME, "cluster": "c1",
+                             "annotations": {"protein_name": "Lysozyme C", "ec_number": "3.2.1.17"}}
+    with pytest.raises(RetrievalError, match="'P2' appears with two different sequences"):
+        database_from_records([{"id": "P2", "sequence": UBIQUITIN, "field": "x", "text": "y"},
+                               {"id": "P2", "sequence": LYSOZYME, "field": "x", "text": "y"}])
 
 
 def test_cluster_exclusion_drops_the_whole_cluster():
@@ -67,8 +83,8 @@ def test_cluster_exclusion_drops_the_whole_cluster():
         {"id": "b", "sequence": mutate(LYSOZYME, 0.2, 3), "annotations": {"protein_name": "B"}, "cluster": "c1"},
         {"id": "c", "sequence": mutate(LYSOZYME, 0.5, 4), "annotations": {"protein_name": "C"}, "cluster": "c2"},
     ], {"k": 5, "threads": 1})
-    assert [n["id"] for n in db.search([LYSOZYME], exclude=["a"])[0]] == ["b", "c"]
-    assert [n["id"] for n in db.search([LYSOZYME], exclude=["a"], exclude_same_cluster=True)[0]] == ["c"]
+    assert [n["id"] for n in search_excluding(db, [LYSOZYME], exclude=["a"])[0]] == ["b", "c"]
+    assert [n["id"] for n in search_excluding(db, [LYSOZYME], exclude=["a"], exclude_same_cluster=True)[0]] == ["c"]
 
 
 def test_training_rows_get_leave_one_out_neighbours():
@@ -102,7 +118,7 @@ def test_training_rows_get_leave_one_out_neighbours():
 
 def test_search_is_done_once_per_protein_and_settings(monkeypatch):
     """Evaluation asks again for the same proteins (the shuffled control): the second ask is answered from memory,
-    with the same neighbours; other settings (identity cap, exclusions) search again."""
+    with the same neighbours; another `k` searches again."""
     import retrieval_protllm
 
     calls = []
@@ -121,7 +137,7 @@ def test_search_is_done_once_per_protein_and_settings(monkeypatch):
     assert db.search([UBIQUITIN, query]) == [first[1], first[0]] and len(calls) == 1
     first[0][0]["annotations"]["protein_name"] = "changed by the caller"
     assert db.search([query])[0][0]["annotations"]["protein_name"] == "Lysozyme C"  # callers get copies
-    assert db.search([query], exclude=["P1"]) == [[]] and len(calls) == 2  # leave-one-out: a new search
+    assert db.search([query], k=1)[0] == db.search([query])[0][:1] and len(calls) == 2  # another k: a new search
 
 
 def test_train_rows_samples_the_training_rows_but_the_database_keeps_every_protein():

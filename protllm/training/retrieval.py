@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 
-from retrieval_protllm import RetrievalDatabase
+from retrieval_protllm import RetrievalDatabase, RetrievalError
 
 logger = logging.getLogger("protllm.train")
 
@@ -61,7 +61,7 @@ def protein_key(protein: dict) -> str:
 
 
 def database_records(rows, fields=DEFAULT_FIELDS):
-    """`RetrievalDatabase.from_records` input from dataset rows: one record per (protein, task in `fields`)."""
+    """`database_from_records` input from dataset rows: one record per (protein, task in `fields`)."""
     for row in rows:
         proteins = row.get("proteins") or []
         if len(proteins) != 1 or not proteins[0].get("sequence"):
@@ -72,6 +72,48 @@ def database_records(rows, fields=DEFAULT_FIELDS):
                "field": field, "text": _answer(row) if field in fields else None}
 
 
+def database_from_records(records, config: dict | None = None) -> RetrievalDatabase:
+    """Merge `{"id", "sequence", "field", "text", "cluster"?}` records (one per annotation) into one database entry per
+    protein id. A protein met twice with different sequences is an error naming it; the first text of a field wins."""
+    by_id: dict[str, dict] = {}
+    for record in records:
+        key, sequence = record["id"], str(record["sequence"]).strip().upper()
+        entry = by_id.setdefault(key, {"id": key, "sequence": sequence, "annotations": {}})
+        if entry["sequence"] != sequence:
+            raise RetrievalError(f"protein {key!r} appears with two different sequences")
+        if record.get("cluster") is not None:
+            entry["cluster"] = record["cluster"]
+        text = record.get("text")
+        if text is not None and str(text).strip():
+            entry["annotations"].setdefault(record["field"], str(text).strip())
+    return RetrievalDatabase(list(by_id.values()), config)
+
+
+def search_excluding(database: RetrievalDatabase, sequences: list[str], exclude: list, k: int | None = None,
+                     max_identity: float | None = None, exclude_same_cluster: bool = False) -> list[list[dict]]:
+    """`database.search` for training proteins: the top-`k` neighbours of each query that are not excluded.
+
+    exclude: per query, an id or a collection of ids never returned (leave-one-out: the query's own id).
+    exclude_same_cluster: also exclude every database protein sharing the `cluster` of an excluded id.
+    max_identity: drop neighbours above this identity (0-1), so the model learns to use distant homologs instead of
+        copying a near-identical one (test proteins have none above the split's identity).
+    """
+    if len(exclude) != len(sequences):
+        raise RetrievalError(f"exclude has {len(exclude)} entries for {len(sequences)} queries")
+    k = database.config["k"] if k is None else k
+    cluster_of = {entry["id"]: entry.get("cluster") for entry in database.entries}
+    excluded = []
+    for item in exclude:
+        ids = {item} if isinstance(item, str) else set(item or ())
+        clusters = {cluster_of.get(i) for i in ids} - {None} if exclude_same_cluster else set()
+        excluded.append(ids | {i for i, c in cluster_of.items() if c in clusters})
+    # Over-fetch, so that k remain after the exclusions and the identity cap.
+    fetch = k + max((len(ids) for ids in excluded), default=0) + (50 if max_identity is not None else 0)
+    found = database.search(sequences, k=fetch)
+    return [[n for n in neighbours if n["id"] not in ids and (max_identity is None or n["identity"] <= max_identity)][:k]
+            for neighbours, ids in zip(found, excluded)]
+
+
 def build_database(rows, spec: dict, sources: list[str]) -> RetrievalDatabase:
     """The retrieval database of every training protein, with the answers of `spec['fields']` as annotations."""
     fields = tuple(spec.get("fields") or DEFAULT_FIELDS)
@@ -79,7 +121,7 @@ def build_database(rows, spec: dict, sources: list[str]) -> RetrievalDatabase:
               "max_annotation_chars": spec.get("max_annotation_chars", 160), "sources": list(sources),
               "training": {"max_identity": spec.get("max_identity", 0.3),
                            "exclusion": spec.get("exclusion", "leave_one_out")}}
-    database = RetrievalDatabase.from_records(database_records(rows, fields), config)
+    database = database_from_records(database_records(rows, fields), config)
     # Proteins without any annotation of `fields` (yes/no only) stay: they count as neighbours of nothing useful.
     database.entries = [e for e in database.entries if e["annotations"]]
     return database
@@ -91,8 +133,8 @@ def training_neighbours(database: RetrievalDatabase, proteins: dict[str, str], s
     exclusion = spec.get("exclusion", "leave_one_out")
     if exclusion not in EXCLUSIONS:
         raise ValueError(f"model.retrieval.exclusion must be one of {EXCLUSIONS}, got {exclusion!r}")
-    found = database.search([proteins[i] for i in ids], exclude=[[i] for i in ids],
-                            max_identity=spec.get("max_identity", 0.3), exclude_same_cluster=exclusion == "cluster")
+    found = search_excluding(database, [proteins[i] for i in ids], exclude=[[i] for i in ids],
+                             max_identity=spec.get("max_identity", 0.3), exclude_same_cluster=exclusion == "cluster")
     return dict(zip(ids, found))
 
 
