@@ -90,6 +90,16 @@ def _repair(path: Path) -> None:
         os.replace(tmp, path)
 
 
+def model_fingerprint_of(settings: dict) -> str | None:
+    """The model fingerprint in a predictor's settings: its own, or its wrapped predictor's (a control such as the
+    shuffled-protein one records the model's settings under `inner`); None for a predictor without a model."""
+    while isinstance(settings, dict):
+        if "model_fingerprint" in settings:
+            return settings["model_fingerprint"]
+        settings = settings.get("inner")
+    return None
+
+
 def run_generation(
     predictor,
     examples: list[dict],
@@ -110,7 +120,7 @@ def run_generation(
     settings_path = out_path.with_name(out_path.name + ".settings.json")
     if settings_path.exists() and out_path.exists() and out_path.stat().st_size > 0:
         old = json.loads(settings_path.read_text())
-        if "model_fingerprint" in settings and old.get("model_fingerprint") != settings["model_fingerprint"]:
+        if model_fingerprint_of(settings) is not None and model_fingerprint_of(old) != model_fingerprint_of(settings):
             # Another model (retrained into the same folder): its predictions are stale, not resumable.
             stale = out_path.with_name(out_path.name + ".stale")
             os.replace(out_path, stale)

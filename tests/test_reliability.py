@@ -657,9 +657,11 @@ def test_eval_after_retraining_into_the_same_folder_predicts_again(tmp_path, tin
     model, processor = tiny
     folder = save_model_folder(model, processor, tmp_path / "model")
     data = _function_rows(tmp_path / "d.jsonl", 4)
-    args = ["--data", str(data), "--predictor", str(folder), "--max_new_tokens", "6", "--bootstrap", "0",
-            "--no_meteor", "--no_progress", "--no_identity"]
+    # With the shuffled-protein control, whose settings hold the model's under `inner` (`make demo` run twice).
+    args = ["--data", str(data), "--predictor", str(folder), "--shuffled_proteins", "--max_new_tokens", "6",
+            "--bootstrap", "0", "--no_meteor", "--no_progress", "--no_identity"]
     predictions = tmp_path / "out" / "predictions" / "function_text" / "model.jsonl"
+    control = tmp_path / "out" / "predictions" / "function_text" / "model+shuffled_proteins.jsonl"
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     first, _ = read_predictions(predictions)
 
@@ -671,6 +673,8 @@ def test_eval_after_retraining_into_the_same_folder_predicts_again(tmp_path, tin
     fresh, _ = read_predictions(tmp_path / "fresh" / "predictions" / "function_text" / "model.jsonl")
     assert fresh != first, "the two models answer alike: the test cannot tell stale from fresh"
     assert resumed == fresh, "predictions of the previous model were reported for the retrained one"
+    fresh_control, _ = read_predictions(tmp_path / "fresh" / "predictions" / "function_text" / "model+shuffled_proteins.jsonl")
+    assert read_predictions(control)[0] == fresh_control
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     fresh_metrics = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
     assert metrics["tasks"] == fresh_metrics["tasks"]
