@@ -182,3 +182,70 @@ def test_loading_our_folder_shows_no_prompt_with_stdin_closed(tmp_path, tiny):
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("PLAIN", "TOOLING")))
     assert int(lines["PLAIN"]) >= 1, "the hazard this test guards against no longer shows: revisit the test"
     assert lines["TOOLING"] == "0 ProtLLMForConditionalGeneration ProtLLMProcessor"
+
+
+# ============================================================================ issue 12: folders of the previous layout
+
+# The last commit whose folders carried every remote-code file (before optional modules and per-model auto_maps).
+PREVIOUS_LAYOUT = "9c1a4a8"
+
+_SAVE_WITH_PREVIOUS_LAYOUT = textwrap.dedent(
+    """
+    import sys, torch
+    from safetensors.torch import save_file
+    from protllm.model_folder import save_model_folder
+    from protllm.testing import build_tiny_protllm
+
+    folder, structure = sys.argv[1], sys.argv[2]
+    model, processor = build_tiny_protllm("llama", seed=3, use_structure_bias=True)
+    save_model_folder(model, processor, folder)
+    messages = [[{"role": "user", "content": [{"type": "protein", "structure": structure},
+                                              {"type": "text", "text": "What does it do?"}]}],
+                [{"role": "user", "content": [{"type": "protein", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"},
+                                              {"type": "text", "text": "Name it."}]}]]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in inputs.items()}}, folder + "/expected.safetensors")
+    """
+)
+
+
+def test_a_folder_saved_with_the_previous_layout_loads_and_gives_the_same_logits(tmp_path, csa):
+    """A SEPIT-style folder (structure bias) saved by the code of PREVIOUS_LAYOUT, which carried every remote-code
+    file and named the core processor: our tooling loads it with the structure processor its model needs, the same
+    inputs from the same structure file, and bit-identical logits; re-saved, it carries only what that model uses."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS_LAYOUT], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"git history with {PREVIOUS_LAYOUT} is not available: {archive.stderr.decode()[:200]}")
+    old_checkout = tmp_path / "previous"
+    old_checkout.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(old_checkout)], input=archive.stdout, check=True)
+    structure = str(sorted(csa.glob("*.pdb*"))[0])
+    folder = tmp_path / "saved_before"
+    env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", _SAVE_WITH_PREVIOUS_LAYOUT, str(folder), structure], cwd=old_checkout, env=env,
+                   check=True, capture_output=True, timeout=300)
+    assert (folder / "saprot_protllm.py").is_file()  # the previous layout: every file, the core processor named
+    assert '"processing_protllm.ProtLLMProcessor"' in (folder / "processor_config.json").read_text()
+
+    expected = load_file(folder / "expected.safetensors")
+    model, processor = load_model_folder(folder)
+    assert type(processor).__name__ == "ProtLLMStructureProcessor"
+    messages = [[{"role": "user", "content": [{"type": "protein", "structure": structure},
+                                              {"type": "text", "text": "What does it do?"}]}],
+                [{"role": "user", "content": [{"type": "protein", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"},
+                                              {"type": "text", "text": "Name it."}]}]]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    assert sorted(inputs) == sorted(k for k in expected if k != "logits")
+    for key, value in inputs.items():
+        assert torch.equal(value, expected[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected["logits"])
+
+    resaved = tmp_path / "saved_again"
+    save_model_folder(model, processor, resaved)
+    assert not (resaved / "esm3_protllm.py").exists() and (resaved / "structure_processing_protllm.py").is_file()
+    assert '"structure_processing_protllm.ProtLLMStructureProcessor"' in (resaved / "processor_config.json").read_text()
