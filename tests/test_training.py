@@ -141,6 +141,20 @@ def test_collator_labels_only_answer_tokens(tiny):
     assert (batch["attention_mask"][0, -1] == 1), "training batches are right padded"
 
 
+def test_training_collator_counts_cropped_proteins_instead_of_warning_each(tiny, recwarn):
+    _, processor = tiny
+    limit = processor.max_protein_length
+    long_rows = [{"messages": [{"role": "user", "content": [{"type": "protein", "sequence": "A" * (limit + n)},
+                                                            {"type": "text", "text": "?"}]}, MESSAGES[1]]} for n in (1, 7)]
+    collator = ProtLLMDataCollator(processor)
+    batch = collator([{"messages": MESSAGES}, *long_rows])
+    assert batch["protein_input_ids"].shape[1] == limit + 2, "cropped to max_protein_length (+ <cls>, <eos>)"
+    assert collator.stats["cropped_proteins"] == 2
+    assert not [w for w in recwarn if "cropped" in str(w.message)]
+    with pytest.warns(UserWarning, match="cropped to max_protein_length"):  # the processor itself still warns
+        processor(text=["<protein>"], proteins=[["A" * (limit + 1)]])
+
+
 def test_collator_truncates_answers_but_never_a_protein_span(tiny):
     _, processor = tiny
     full = ProtLLMDataCollator(processor)([{"messages": MESSAGES}])

@@ -224,14 +224,14 @@ def make_sft_trainer(model, processor, args, train_dataset, collator, part_learn
 
 
 class CollatorStatsCallback(TrainerCallback):
-    """Logs the collator's truncation counts (what was dropped or shortened) with the training loss."""
+    """Logs the collator's truncation counts (what was dropped, shortened or cropped) with the training loss."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
-            for key in ("truncated_examples", "truncated_answer_tokens", "dropped_examples"):
+            for key in ("truncated_examples", "truncated_answer_tokens", "dropped_examples", "cropped_proteins"):
                 logs[f"collator/{key}"] = self.collator.stats.get(key, 0)
 
 
