@@ -224,7 +224,7 @@ class RetrievalDatabase:
             for hit in hits:
                 entry = self.entries[hit.target_index]
                 found_todo[hit.query_index].append({
-                    "id": entry["id"], "identity": round(float(hit.result.identity()), 3), "evalue": float(hit.evalue),
+                    "id": entry["id"], "identity": float(hit.result.identity()), "evalue": float(hit.evalue),
                     "score": int(hit.score), "coverage": round(float(hit.result.coverage("query")), 3),
                     "annotations": dict(entry.get("annotations") or {})})
             for i, found in zip(todo, found_todo):

@@ -77,6 +77,16 @@ def test_records_merge_into_one_entry_per_protein_and_a_conflicting_sequence_is_
                                {"id": "P2", "sequence": LYSOZYME, "field": "x", "text": "y"}])
 
 
+def test_identity_cap_compares_the_exact_identity(monkeypatch):
+    """A neighbour at 30.04% identity is above a 0.3 cap, though it prints as 30% (search results are not rounded)."""
+    db = RetrievalDatabase([{"id": "n", "sequence": LYSOZYME, "annotations": {}}], {"k": 2})
+    found = [[{"id": "n", "identity": 0.3004, "evalue": 1e-5, "score": 50, "coverage": 1.0, "annotations": {}}]]
+    monkeypatch.setattr(db, "search", lambda sequences, k=None: [list(f) for f in found])
+    assert search_excluding(db, [UBIQUITIN], exclude=["self"], max_identity=0.3) == [[]]
+    assert search_excluding(db, [UBIQUITIN], exclude=["self"], max_identity=0.31) == found
+    assert isinstance(database().search([UBIQUITIN])[0][0]["identity"], float)
+
+
 def test_cluster_exclusion_drops_the_whole_cluster():
     db = RetrievalDatabase([
         {"id": "a", "sequence": LYSOZYME, "annotations": {"protein_name": "A"}, "cluster": "c1"},
