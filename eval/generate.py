@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -243,6 +244,7 @@ class ModelPredictor:
             check_auto_map(self.model_dir)
         self.retrieval = retrieval
         self._fingerprint = None  # of the folder's weights and config, computed once (`settings`)
+        self.cropped_proteins = 0  # proteins longer than the processor's max_protein_length, cropped by it
 
     def without_retrieval(self) -> "ModelPredictor":
         """The same model (shared weights) answering without its retrieval database, named `<name>+no_retrieval`."""
@@ -315,8 +317,19 @@ class ModelPredictor:
             from protllm.model_classes import sequence_only_messages
 
             msgs = [sequence_only_messages(m) for m in msgs]
-        inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                return_tensors="pt", padding=True)
+        with warnings.catch_warnings(record=True) as caught:  # one line for cropped proteins, not one per protein
+            warnings.simplefilter("always")
+            inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                    return_tensors="pt", padding=True)
+        for warning in caught:
+            if issubclass(warning.category, UserWarning) and "cropped to max_protein_length" in str(warning.message):
+                if not self.cropped_proteins:
+                    print(f"{self.name}: proteins longer than max_protein_length="
+                          f"{getattr(self._proc, 'max_protein_length', '?')} are cropped to it (counted, not listed)",
+                          file=sys.stderr)
+                self.cropped_proteins += 1
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         dev = getattr(self._model, "device", self.device)
         inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
         if self.do_sample:

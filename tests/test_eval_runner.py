@@ -122,6 +122,22 @@ def test_real_tiny_protllm_batched_resumable_equals_one_at_a_time(tmp_path):
     assert s["do_sample"] is False and s["use_cache"] is True and s["padding_side"] == "left"
 
 
+def test_model_predictor_counts_cropped_proteins_instead_of_warning_each(recwarn, capsys):
+    pytest.importorskip("torch")
+    from protllm.testing import build_tiny_protllm
+
+    model, proc = build_tiny_protllm("llama", seed=0)
+    proc.max_protein_length = 20
+    exs = _examples(3)
+    for ex in exs:
+        ex["proteins"][0]["sequence"] = "M" + "A" * 30
+    predictor = ModelPredictor("tiny", model=model, processor=proc, max_new_tokens=2)
+    predictor.predict(exs)
+    assert predictor.cropped_proteins == 3
+    assert not [w for w in recwarn if "cropped" in str(w.message)]
+    assert capsys.readouterr().err.count("are cropped to it") == 1
+
+
 def test_cli_with_saved_model_folder_and_shuffled_proteins(tmp_path):
     """The model-folder contract end to end: save a tiny ProtLLM, evaluate it with python -m eval."""
     pytest.importorskip("torch")
