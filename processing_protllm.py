@@ -90,7 +90,7 @@ def build_protein_tokenizer(kind: str = "esm") -> EsmTokenizer:
     """The ESM-2 tokenizer (`"esm"`, 33 tokens), built offline. SaProt's lives with the 3Di code it needs."""
     if kind != "esm":
         raise ValueError(f"protein tokenizer kind {kind!r}: this module builds 'esm'; SaProt's ('saprot') is "
-                         "structure_processing_protllm.build_protein_tokenizer('saprot')")
+                         "structure_processing_protllm.ProtLLMStructureProcessor.default_protein_tokenizer('saprot')")
     return protein_tokenizer_from_vocab(ESM_VOCAB)
 
 

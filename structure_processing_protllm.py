@@ -10,20 +10,21 @@ this class; a sequence model's folder names `processing_protllm.ProtLLMProcessor
 from dataclasses import fields
 
 try:
-    from .processing_protllm import ProteinInputError, ProtLLMProcessor, protein_tokenizer_from_vocab
-    from .processing_protllm import build_protein_tokenizer as build_esm_tokenizer
+    from .processing_protllm import (
+        ProteinInputError,
+        ProtLLMProcessor,
+        protein_tokenizer_from_vocab,
+    )
     from .saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
     from .structure_protllm import ProteinStructure, StructureError, load_structure
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
-    from processing_protllm import ProteinInputError, ProtLLMProcessor, protein_tokenizer_from_vocab
-    from processing_protllm import build_protein_tokenizer as build_esm_tokenizer
+    from processing_protllm import (
+        ProteinInputError,
+        ProtLLMProcessor,
+        protein_tokenizer_from_vocab,
+    )
     from saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
     from structure_protllm import ProteinStructure, StructureError, load_structure
-
-
-def build_protein_tokenizer(kind: str = "esm"):
-    """An ESM-2 (`"esm"`, 33 tokens) or SaProt (`"saprot"`, 446 amino-acid x 3Di tokens) tokenizer, built offline."""
-    return protein_tokenizer_from_vocab(SAPROT_VOCAB) if kind == "saprot" else build_esm_tokenizer(kind)
 
 
 class ProtLLMStructureProcessor(ProtLLMProcessor):
@@ -40,8 +41,10 @@ class ProtLLMStructureProcessor(ProtLLMProcessor):
 
     @classmethod
     def default_protein_tokenizer(cls, protein_encoder_input: str = "sequence"):
-        cls._check_encoder_input(protein_encoder_input)
-        return build_protein_tokenizer("saprot" if protein_encoder_input == "saprot" else "esm")
+        """SaProt's tokenizer (446 amino-acid x 3Di tokens, built offline) for SaProt input, else ESM-2's."""
+        if protein_encoder_input == "saprot":
+            return protein_tokenizer_from_vocab(SAPROT_VOCAB)
+        return super().default_protein_tokenizer(protein_encoder_input)
 
     def _load_structure(self, source, chain, sequence, protein_index):
         if not isinstance(source, ProteinStructure) and hasattr(source, "sequence") and hasattr(source, "coords"):
@@ -59,4 +62,4 @@ class ProtLLMStructureProcessor(ProtLLMProcessor):
         return saprot_sequence(sequence, three_di_tokens(structure), structure.plddt, self.plddt_threshold)
 
 
-__all__ = ["ProtLLMStructureProcessor", "build_protein_tokenizer"]
+__all__ = ["ProtLLMStructureProcessor"]

@@ -13,7 +13,6 @@ from torch import nn
 
 from configuration_protllm import ProtLLMConfig
 from moe_protllm import moe_blocks
-from structure_processing_protllm import build_protein_tokenizer  # ESM-2's or SaProt's (which lives with the 3Di code)
 
 from .model_classes import causal_lm_class, processor_class
 from .parameter_groups import numel, parameter_counts, protllm_core
@@ -119,21 +118,21 @@ def build_protllm(
         dtype_source = "the language model checkpoint's dtype"
 
     encoder_module = None
+    # None: the processor class's own for `protein_encoder_input` (ESM-2's, whose ids are also the esm package's for
+    # ESM3 / ESM C, or SaProt's); a Hub ESM checkpoint brings its own.
+    protein_tokenizer = None
     if protein_encoder is not None and backend in ("esm3", "esmc"):
         encoder_module, protein_config = load_evolutionaryscale_encoder(protein_encoder, backend, protein_config)
-        protein_tokenizer = build_protein_tokenizer("esm")  # ESM-2's ids are the esm package's (esm3_protllm.py)
     elif protein_encoder is not None and backend == "fair-esm":
         encoder_module, protein_config = load_fair_esm(protein_encoder)
-        protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
     elif protein_encoder is not None:
         protein_config = AutoConfig.from_pretrained(protein_encoder)
         protein_config._name_or_path = str(protein_encoder)  # where the SEPIT warm-up finds ESM's pretrained MLM head
         encoder_module = EsmModel.from_pretrained(protein_encoder, add_pooling_layer=False, dtype=dtype)
         protein_tokenizer = AutoTokenizer.from_pretrained(protein_encoder)
-    else:
-        protein_tokenizer = build_protein_tokenizer("saprot" if encoder_input == "saprot" else "esm")
 
-    processor = processor_class(config_kwargs).from_tokenizers(tokenizer, protein_tokenizer, **(processor_kwargs or {}))
+    processor_kwargs = {"protein_encoder_input": encoder_input, **(processor_kwargs or {})}
+    processor = processor_class(config_kwargs).from_tokenizers(tokenizer, protein_tokenizer, **processor_kwargs)
     if len(processor.tokenizer) > llm.config.vocab_size:
         # Whole tensors even under ZeRO-3 (see _built_whole_under_zero3); transformers' resize gathers them otherwise.
         llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
@@ -395,9 +394,10 @@ def load_evolutionaryscale_encoder(name_or_path, backend: str, protein_config: d
     """
     from pathlib import Path
 
+    from transformers import AutoConfig
+
     from configuration_protllm import evolutionaryscale_protein_config_kwargs
     from esm3_protllm import EVOLUTIONARYSCALE_MODELS, ProtLLMEvolutionaryScaleEncoder
-    from transformers import AutoConfig
 
     by_hub_id = {spec["hub_id"]: name for name, spec in EVOLUTIONARYSCALE_MODELS.items()}
     name = by_hub_id.get(str(name_or_path), str(name_or_path))
