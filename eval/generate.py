@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -313,23 +312,17 @@ class ModelPredictor:
         # Without retrieval, a model that has a database is told "none found" (as in training); one without sees no block.
         no_neighbours = not self.retrieval and getattr(self._proc, "retrieval_database", None) is not None
         msgs = [build_messages(ex, no_neighbours=no_neighbours) for ex in examples]
-        if not getattr(self._proc, "reads_structures", True):  # a sequence model: structure files -> sequences
-            from protllm.model_classes import sequence_only_messages
+        from protllm.cropping import counted_crops
+        from protllm.model_classes import messages_for
 
-            msgs = [sequence_only_messages(m) for m in msgs]
-        with warnings.catch_warnings(record=True) as caught:  # one line for cropped proteins, not one per protein
-            warnings.simplefilter("always")
+        msgs = [messages_for(self._proc, m) for m in msgs]  # a sequence model: structure files -> sequences
+        with counted_crops() as crops:  # one line for cropped proteins, not one per protein
             inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                     return_tensors="pt", padding=True)
-        for warning in caught:
-            if issubclass(warning.category, UserWarning) and "cropped to max_protein_length" in str(warning.message):
-                if not self.cropped_proteins:
-                    print(f"{self.name}: proteins longer than max_protein_length="
-                          f"{getattr(self._proc, 'max_protein_length', '?')} are cropped to it (counted, not listed)",
-                          file=sys.stderr)
-                self.cropped_proteins += 1
-            else:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        if crops and not self.cropped_proteins:
+            print(f"{self.name}: proteins longer than max_protein_length={getattr(self._proc, 'max_protein_length', '?')} "
+                  "are cropped to it (counted, not listed)", file=sys.stderr)
+        self.cropped_proteins += len(crops)
         dev = getattr(self._model, "device", self.device)
         inputs = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in inputs.items()}
         if self.do_sample:

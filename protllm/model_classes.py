@@ -22,7 +22,7 @@ from modeling_protllm import ProtLLMForConditionalGeneration
 from processing_protllm import ProtLLMProcessor
 from structure_processing_protllm import ProtLLMStructureProcessor
 
-__all__ = ["causal_lm_class", "processor_class", "reads_structures", "sequence_only_messages"]
+__all__ = ["causal_lm_class", "messages_for", "processor_class", "reads_structures", "sequence_only_messages"]
 
 
 def causal_lm_class(config: ProtLLMConfig) -> type[ProtLLMForConditionalGeneration]:
@@ -70,17 +70,17 @@ def sequence_only_messages(messages: list[dict]) -> list[dict]:
     """
     from structure_protllm import load_structure
 
-    converted = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list) and any(isinstance(b, dict) and b.get("structure") is not None for b in content):
-            blocks = []
-            for block in content:
-                if isinstance(block, dict) and block.get("type") == "protein" and block.get("structure") is not None:
-                    sequence = block.get("sequence") or load_structure(block["structure"], chain=block.get("chain")).sequence
-                    block = {key: value for key, value in block.items() if key not in ("structure", "chain")}
-                    block["sequence"] = sequence
-                blocks.append(block)
-            message = {**message, "content": blocks}
-        converted.append(message)
-    return converted
+    def sequence_block(block):
+        if not (isinstance(block, dict) and block.get("type") == "protein" and block.get("structure") is not None):
+            return block
+        sequence = block.get("sequence") or load_structure(block["structure"], chain=block.get("chain")).sequence
+        return {**{key: value for key, value in block.items() if key not in ("structure", "chain")}, "sequence": sequence}
+
+    return [{**message, "content": [sequence_block(block) for block in message["content"]]}
+            if isinstance(message.get("content"), list) else message for message in messages]
+
+
+def messages_for(processor, messages: list[dict]) -> list[dict]:
+    """`messages` as `processor` takes them: unchanged for a processor that reads structures (or one that predates
+    `reads_structures`, which read them all), `sequence_only_messages` for a sequence model's."""
+    return messages if getattr(processor, "reads_structures", True) else sequence_only_messages(messages)

@@ -8,16 +8,14 @@ implementation serves `train_sft.py` and a user fine-tuning a released folder wi
 from __future__ import annotations
 
 import logging
-import warnings
 
 from collator_protllm import ProtLLMDataCollator as _RemoteCodeCollator
 
-from ..model_classes import sequence_only_messages
+from ..cropping import counted_crops
+from ..model_classes import messages_for
 from .data import rows_to_messages
 
 logger = logging.getLogger("protllm.train")
-# The processor's warning for a protein longer than max_protein_length (processing_protllm.prepare_protein).
-CROP_WARNING = "cropped to max_protein_length"
 
 
 class ProtLLMDataCollator(_RemoteCodeCollator):
@@ -40,25 +38,20 @@ class ProtLLMDataCollator(_RemoteCodeCollator):
             found = super().row_messages(row)
         else:
             found = rows_to_messages(row), 0
-        if found is not None and not getattr(self.processor, "reads_structures", True):
-            found = sequence_only_messages(found[0]), found[1]  # a sequence model: structure files -> sequences
+        if found is not None:
+            found = messages_for(self.processor, found[0]), found[1]  # a sequence model: structure files -> sequences
         return found
 
     def __call__(self, rows: list[dict]) -> dict:
         # Long proteins are counted (`stats["cropped_proteins"]`, logged with the loss), not warned about one by one:
         # on real data that is a warning line for most batches.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with counted_crops() as crops:
             batch = super().__call__(rows)
-        for warning in caught:
-            if issubclass(warning.category, UserWarning) and CROP_WARNING in str(warning.message):
-                if not self.stats["cropped_proteins"]:
-                    limit = getattr(self.processor, "max_protein_length", None)
-                    logger.info("proteins longer than %s residues are cropped to their first %s (counted as "
-                                "collator/cropped_proteins)", limit, limit)
-                self.stats["cropped_proteins"] += 1
-            else:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        if crops and not self.stats["cropped_proteins"]:
+            limit = getattr(self.processor, "max_protein_length", None)
+            logger.info("proteins longer than %s residues are cropped to their first %s (counted as "
+                        "collator/cropped_proteins)", limit, limit)
+        self.stats["cropped_proteins"] += len(crops)
         if self.feature_cache is not None and "protein_input_ids" in batch:
             batch = self.feature_cache.swap_in(batch)
         if self.padding_free:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from ..model_classes import sequence_only_messages
+from ..model_classes import messages_for
 from ..parameter_groups import is_new_warmup_module
 from .data import rows_to_messages
 
@@ -328,9 +328,7 @@ class WarmupCollator:
                 captions.append(" ")
                 captioned.append(False)
                 continue
-            messages = rows_to_messages(row)
-            if not getattr(self.processor, "reads_structures", True):
-                messages = sequence_only_messages(messages)  # a sequence model: structure files -> sequences
+            messages = messages_for(self.processor, rows_to_messages(row))  # a sequence model: files -> sequences
             _, row_proteins = self.processor.split_messages(messages)
             if not row_proteins:
                 raise ValueError(f"warm-up row {row.get('id', '?')} has no protein")
