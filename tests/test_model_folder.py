@@ -6,6 +6,7 @@ in the feature cache). Every kill below is a real SIGKILL of a child process.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import kill_when_printed
 from safetensors.torch import load_file
 
-from fresh_process import kill_when_printed
 from protllm.model_folder import load_model_folder, save_model_folder
 from protllm.testing import build_tiny_protllm
 
@@ -191,18 +192,14 @@ PREVIOUS_LAYOUT = "9c1a4a8"
 
 _SAVE_WITH_PREVIOUS_LAYOUT = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
     from safetensors.torch import save_file
     from protllm.model_folder import save_model_folder
     from protllm.testing import build_tiny_protllm
 
-    folder, structure = sys.argv[1], sys.argv[2]
+    folder, messages = sys.argv[1], json.loads(sys.argv[2])
     model, processor = build_tiny_protllm("llama", seed=3, use_structure_bias=True)
     save_model_folder(model, processor, folder)
-    messages = [[{"role": "user", "content": [{"type": "protein", "structure": structure},
-                                              {"type": "text", "text": "What does it do?"}]}],
-                [{"role": "user", "content": [{"type": "protein", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"},
-                                              {"type": "text", "text": "Name it."}]}]]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     with torch.no_grad():
@@ -223,20 +220,21 @@ def test_a_folder_saved_with_the_previous_layout_loads_and_gives_the_same_logits
     old_checkout.mkdir()
     subprocess.run(["tar", "-x", "-C", str(old_checkout)], input=archive.stdout, check=True)
     structure = str(sorted(csa.glob("*.pdb*"))[0])
+    # The same chats in both processes: a protein from a structure file, and one from a sequence.
+    messages = [[{"role": "user", "content": [{"type": "protein", "structure": structure},
+                                              {"type": "text", "text": "What does it do?"}]}],
+                [{"role": "user", "content": [{"type": "protein", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"},
+                                              {"type": "text", "text": "Name it."}]}]]
     folder = tmp_path / "saved_before"
     env = {k: v for k, v in _env().items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", _SAVE_WITH_PREVIOUS_LAYOUT, str(folder), structure], cwd=old_checkout, env=env,
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-c", _SAVE_WITH_PREVIOUS_LAYOUT, str(folder), json.dumps(messages)], cwd=old_checkout,
+                   env=env, check=True, capture_output=True, timeout=300)
     assert (folder / "saprot_protllm.py").is_file()  # the previous layout: every file, the core processor named
     assert '"processing_protllm.ProtLLMProcessor"' in (folder / "processor_config.json").read_text()
 
     expected = load_file(folder / "expected.safetensors")
     model, processor = load_model_folder(folder)
     assert type(processor).__name__ == "ProtLLMStructureProcessor"
-    messages = [[{"role": "user", "content": [{"type": "protein", "structure": structure},
-                                              {"type": "text", "text": "What does it do?"}]}],
-                [{"role": "user", "content": [{"type": "protein", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"},
-                                              {"type": "text", "text": "Name it."}]}]]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     assert sorted(inputs) == sorted(k for k in expected if k != "logits")
