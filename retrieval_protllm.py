@@ -32,9 +32,10 @@ DATABASE_FILE = "database.jsonl"
 CONFIG_FILE = "retrieval_config.json"
 FORMAT_VERSION = 1
 
-# How each annotation field is labelled in the prompt; fields not listed are shown under their own name.
-FIELD_LABELS = {"protein_name": "name", "function_text": "function", "ec_number": "EC", "reaction": "reaction",
-                "keywords": "keywords", "go": "GO"}
+# How each annotation field is labelled in the prompt, in the order shown (short fields first, so that a long
+# function text cut at `max_annotation_chars` comes last); fields not listed follow under their own name.
+FIELD_LABELS = {"protein_name": "name", "ec_number": "EC", "keywords": "keywords", "go": "GO", "reaction": "reaction",
+                "function_text": "function"}
 NO_NEIGHBOURS_TEXT = "Similar proteins in the database: none found."
 
 
@@ -42,40 +43,39 @@ class RetrievalError(ValueError):
     """A retrieval database or neighbour list that cannot be used; the message names the entry or field."""
 
 
-def _format_neighbour(rank: int, neighbour: dict, max_annotation_chars: int) -> str:
-    facts = []
+def _format_neighbour(neighbour: dict, max_annotation_chars: int) -> str:
+    # One line per neighbour, short fields first and no list numbers or E-values: a small LLM copies an EC number
+    # or a name from this line, and "1." or "E=5e-14" next to it were copied into its answers.
     identity = neighbour.get("identity")
-    if identity is not None:
-        facts.append(f"{100 * float(identity):.0f}% identity")
-    if neighbour.get("evalue") is not None:
-        facts.append(f"E={float(neighbour['evalue']):.0e}")
-    annotations = []
-    for field, text in (neighbour.get("annotations") or {}).items():
-        text = " ".join(str(text).split())
+    facts = [f"{100 * float(identity):.0f}% identity" if identity is not None else "similar protein"]
+    annotations = neighbour.get("annotations") or {}
+    ordered = [field for field in FIELD_LABELS if field in annotations] + [f for f in annotations if f not in FIELD_LABELS]
+    for field in ordered:
+        text = " ".join(str(annotations[field]).split())
         if not text:
             continue
         if len(text) > max_annotation_chars:
             text = text[: max_annotation_chars - 3].rstrip() + "..."
-        annotations.append(f"{FIELD_LABELS.get(field, field)}: {text}")
-    head = f"{rank}. " + (", ".join(facts) if facts else "neighbour")
-    return head + (" | " + " | ".join(annotations) if annotations else "")
+        facts.append(f"{FIELD_LABELS.get(field, field)}: {text}")
+    return "- " + "; ".join(facts)
 
 
 def render_neighbours(neighbours, max_annotation_chars: int = 160) -> str:
     """The text a neighbours block becomes in the prompt (one line per neighbour, best first).
 
-    `neighbours`: a list of dicts with optional `identity` (0-1), `evalue` and `annotations` ({field: text}).
-    An empty list renders as "none found": the model is told that nothing similar is known.
+    `neighbours`: a list of dicts with optional `identity` (0-1) and `annotations` ({field: text}); the E-value
+    and score a search returns stay in the block, not in the text. An empty list renders as "none found": the
+    model is told that nothing similar is known.
     """
     if not neighbours:
         return NO_NEIGHBOURS_TEXT
     if not isinstance(neighbours, (list, tuple)):
         raise RetrievalError(f"a neighbours block holds a list of neighbours, got {type(neighbours).__name__}")
-    lines = ["Similar proteins in the database:"]
+    lines = ["Similar proteins in the database, closest first:"]
     for rank, neighbour in enumerate(neighbours, start=1):
         if not isinstance(neighbour, dict):
             raise RetrievalError(f"neighbour {rank}: expected a dict with identity/evalue/annotations, got {neighbour!r:.80}")
-        lines.append(_format_neighbour(rank, neighbour, max_annotation_chars))
+        lines.append(_format_neighbour(neighbour, max_annotation_chars))
     return "\n".join(lines)
 
 

@@ -176,8 +176,14 @@ def test_train_rows_samples_the_training_rows_but_the_database_keeps_every_prote
 
 
 def test_render_and_bad_neighbours():
-    text = render_neighbours([{"identity": 0.42, "evalue": 1e-20, "annotations": {"protein_name": "Lysozyme C"}}])
-    assert "42% identity" in text and "name: Lysozyme C" in text
+    text = render_neighbours([{"identity": 0.42, "evalue": 1e-20,
+                               "annotations": {"function_text": "Hydrolyses cell walls", "protein_name": "Lysozyme C",
+                                               "ec_number": "3.2.1.17"}},
+                              {"identity": 0.31, "annotations": {"reaction": "A + B = C"}}])
+    # One line per neighbour, short fields first; no list number or E-value that a small model would copy into an
+    # EC number.
+    assert text.splitlines()[1:] == ["- 42% identity; name: Lysozyme C; EC: 3.2.1.17; function: Hydrolyses cell walls",
+                                     "- 31% identity; reaction: A + B = C"]
     assert render_neighbours([]) == NO_NEIGHBOURS_TEXT
     with pytest.raises(RetrievalError, match="neighbour 1"):
         render_neighbours(["Lysozyme"])
