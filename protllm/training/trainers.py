@@ -237,7 +237,16 @@ class CollatorStatsCallback(TrainerCallback):
 
 class RemoveFailedCheckpoint:
     """Trainer mixin: a checkpoint save that raises (safetensors refusing a tensor, a full disk) removes the
-    `checkpoint-N` folder it was writing, so `--resume_from_checkpoint` never picks up a half-written one."""
+    `checkpoint-N` folder it was writing, so `--resume_from_checkpoint` never picks up a half-written one; and
+    `trainer_state.json`, the file that marks a checkpoint complete, is written only once every rank has written its
+    own files."""
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        # transformers writes each rank's `rng_state_<rank>.pth`, then rank 0 writes trainer_state.json with no
+        # barrier in between: a run killed in that gap left a checkpoint that looked complete, and its resume crashed
+        # on the other rank's half-written RNG file.
+        self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, model, trial):
         import shutil
