@@ -136,7 +136,7 @@ def run_evaluation(
     """
     from .data import holdout_split, load_examples
     from .generate import FilePredictor, ModelPredictor, run_generation
-    from .report import score_predictor, write_report
+    from .report import paired_difference, score_predictor, write_report
 
     t0 = time.time()
     out = Path(out)
@@ -308,6 +308,13 @@ def run_evaluation(
                                   go_vocabulary=go_vocabulary)
             results[name]["predictors"][p.name] = res
             predictions[name][p.name] = preds
+        # Each model against every other predictor on the same rows: the paired bootstrap CI of the difference.
+        models = [p.name for p, _ in runs if isinstance(p, ModelPredictor) and p.retrieval]
+        results[name]["paired_differences"] = {
+            model: {other: paired_difference(name, exs, predictions[name][model], predictions[name][other],
+                                             bootstrap=bootstrap, seed=seed, go_vocabulary=go_vocabulary)
+                    for other in predictions[name] if other != model}
+            for model in models if model in predictions[name]}
         results[name]["family"] = next(iter(results[name]["predictors"].values()))["family"]
         results[name]["n"] = len(exs)
         results[name]["split"] = split_of_task[name]

@@ -54,18 +54,28 @@ def summarise_metrics(metrics: dict, model_name: str) -> dict:
         for predictor, result in predictors.items():
             primary = result.get("primary")
             value = result.get("metrics", {}).get(primary, {})
-            label = predictor
-            if predictor == model_name:
-                label = "model"
-            for suffix, column in CONTROL_SUFFIXES.items():
-                if predictor == model_name + suffix:
-                    label = column
-            row[label] = {"metric": primary, "value": value.get("value"), "ci_low": value.get("ci_low"),
+            row[_column(predictor, model_name)] = {"metric": primary, "value": value.get("value"), "ci_low": value.get("ci_low"),
                           "ci_high": value.get("ci_high"), "n": result.get("counts", {}).get("n_examples")}
         tasks[task] = row
     splits = {task: result.get("split") for task, result in metrics.get("tasks", {}).items() if result.get("split")}
-    return {"tasks": tasks, "splits": splits, "split": (metrics.get("header") or {}).get("split"),
-            "report": "eval/report.md", "metrics": "eval/metrics.json"}
+    # model minus each other column on the same rows, with the paired bootstrap 95% CI (eval.report.paired_difference)
+    paired = {}
+    for task, task_result in metrics.get("tasks", {}).items():
+        against = (task_result.get("paired_differences") or {}).get(model_name) or {}
+        paired[task] = {_column(other, model_name): d for other, d in against.items() if d}
+    return {"tasks": tasks, "paired_differences": paired, "splits": splits,
+            "split": (metrics.get("header") or {}).get("split"), "report": "eval/report.md",
+            "metrics": "eval/metrics.json"}
+
+
+def _column(predictor: str, model_name: str) -> str:
+    """The eval.json column of a metrics.json predictor name."""
+    if predictor == model_name:
+        return "model"
+    for suffix, column in CONTROL_SUFFIXES.items():
+        if predictor == model_name + suffix:
+            return column
+    return predictor
 
 
 def print_table(table: dict):
@@ -80,6 +90,14 @@ def print_table(table: dict):
             cells.append(f"{cell['value']:.3f} [{cell['ci_low']:.2f},{cell['ci_high']:.2f}]" if cell and cell["value"] is not None
                          and cell.get("ci_low") is not None else (f"{cell['value']:.3f}" if cell and cell["value"] is not None else "-"))
         print(f"{task:<14} {metric:<14} " + " ".join(f"{c:>24}" for c in cells))
+    paired = table.get("paired_differences") or {}
+    if any(paired.values()):
+        print("\nmodel minus each column, same rows (paired bootstrap 95% CI):")
+        for task, against in paired.items():
+            cells = [f"{column} {d['difference']:+.3f}" + (f" [{d['ci_low']:+.2f},{d['ci_high']:+.2f}]"
+                                                          if d.get("ci_low") is not None else "")
+                     for column, d in against.items()]
+            print(f"{task:<14} " + "  ".join(cells))
     by_split: dict[str, list[str]] = {}
     for task, split in (table.get("splits") or {}).items():
         by_split.setdefault(split, []).append(task)

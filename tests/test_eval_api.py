@@ -58,6 +58,31 @@ def test_function_and_cli_give_the_same_metrics_and_the_demo_table_schema(tmp_pa
     assert set(row) == set(COLUMNS)
     for column in COLUMNS:
         assert set(row[column]) == {"metric", "value", "ci_low", "ci_high", "n"} and row[column]["n"] == 3
+    # The model against each other predictor on the same rows: metrics.json by predictor name, eval.json by column.
+    paired = metrics["tasks"]["function_text"]["paired_differences"]
+    assert set(paired) == {"model"} and set(paired["model"]) == set(predictors) - {"model"}
+    difference = paired["model"]["retrieval"]
+    assert difference["difference"] == pytest.approx(predictors["model"]["metrics"]["rougeL"]["value"] - rouge["value"])
+    assert difference["ci_low"] <= difference["difference"] <= difference["ci_high"] and difference["n"] == 3
+    assert table["paired_differences"]["function_text"]["model_shuffled_proteins"] == paired["model"]["model+shuffled_proteins"]
+
+
+def test_paired_difference_is_the_interval_of_the_difference_on_the_same_rows():
+    """Two predictors that share most answers: their own intervals overlap, the paired interval of the difference
+    does not include 0 (every row where they differ favours A); identical predictions give exactly 0."""
+    from eval.report import TaskScorer, paired_difference
+
+    rows = [{"id": f"r{i}", "reference": f"binds zinc ion number {i % 7}"} for i in range(40)]
+    shared = {r["id"]: ("binds zinc ion" if i % 3 else "transports sugar") for i, r in enumerate(rows)}
+    better = {**shared, **{r["id"]: r["reference"] for i, r in enumerate(rows) if i % 5 == 0}}
+    d = paired_difference("function_text", rows, better, shared, bootstrap=500, seed=0)
+    assert d["metric"] == "rougeL" and d["n"] == 40 and d["ci_low"] > 0
+    a, b = (TaskScorer("text", [p[r["id"]] for r in rows], [r["reference"] for r in rows], meteor=False)
+            for p in (better, shared))
+    (a_low, _), (_, b_high) = a.bootstrap(500, 0)["rougeL"], b.bootstrap(500, 0)["rougeL"]
+    assert a_low < b_high  # the separate intervals overlap
+    same = paired_difference("function_text", rows, shared, dict(shared), bootstrap=200, seed=0)
+    assert same["difference"] == same["ci_low"] == same["ci_high"] == 0
 
 
 def test_no_examples_is_an_error_naming_the_file(tmp_path):
