@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--retrieval_k", type=int, default=10, help="neighbours the retrieval predictor combines")
     ap.add_argument("--retrieval_text", choices=["top1", "medoid"], default="top1",
                     help="free-text answer of the retrieval predictor: the top hit's, or the medoid of the top-k")
+    ap.add_argument("--retrieval_search", choices=["auto", "mmseqs2", "smith-waterman"], default="auto",
+                    help="the retrieval predictors' search: auto = exhaustive Smith-Waterman (pyswrd, E <= 0.01) for "
+                         "databases up to 50,000 proteins, MMseqs2 (--sensitivity) above")
     ap.add_argument("--go_obo", default=None,
                     help="GO ontology (OBO, e.g. go-basic.obo): propagate GO terms to ancestors before scoring")
     ap.add_argument("--train", default=None, help="training JSONL for retrieval / most_common / identity bins")
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
             shuffled_proteins=args.shuffled_proteins, no_retrieval=args.no_retrieval, bootstrap=args.bootstrap,
             bertscore_model=args.bertscore_model, meteor=not args.no_meteor, identity=not args.no_identity,
             threads=args.threads, sensitivity=args.sensitivity, examples_shown=args.examples,
-            retrieval_k=args.retrieval_k, retrieval_text=args.retrieval_text, go_obo=args.go_obo,
+            retrieval_k=args.retrieval_k, retrieval_text=args.retrieval_text, retrieval_search=args.retrieval_search,
+            go_obo=args.go_obo,
             temporal_test=args.temporal_test, temporal_train=args.temporal_train,
             progress=not args.no_progress, on_bad_rows=args.on_bad_rows,
             command="python -m eval " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -2,8 +2,9 @@
 
 * :class:`MostCommon`: the most frequent reference string of the training examples of the same
   task (ties broken by first appearance), the same answer for every test example.
-* :class:`Retrieval`: MMseqs2 neighbours (``data.mmseqs.easy_search``, the real binary, best bit
-  score first) of the test protein among the training proteins of the same task. ``retrieval``
+* :class:`Retrieval`: neighbours of the test protein among the training proteins of the same task, best
+  first: an exhaustive Smith-Waterman search (pyswrd, E <= 0.01) for databases up to 50,000 proteins, else
+  MMseqs2 (``data.mmseqs.easy_search``, the real binary, ``-s 7.5``); ``search=`` forces either. ``retrieval``
   combines the top-k (EC: identity-weighted vote abstaining to the family level; GO: CAFA's BLAST
   baseline with scores), ``retrieval_top1`` copies the top hit's answer. No hit -> the most-common
   answer (counted as ``no_hit``). Examples with several proteins use the first one.
@@ -44,17 +45,61 @@ class MostCommon:
         return {"answers": self.answers}
 
 
-def _search(queries: dict[str, str], targets: dict[str, str], threads: int, sensitivity) -> list[dict]:
-    """``data.mmseqs.easy_search`` hits, memoised per (queries, targets, sensitivity): `retrieval` and
-    `retrieval_top1` in one run share one search."""
+# Databases up to this many proteins are searched exhaustively (`search="auto"`): every query against every target.
+EXHAUSTIVE_MAX_TARGETS = 50_000
+SEARCH_TOOLS = ("auto", "mmseqs2", "smith-waterman")
+SMITH_WATERMAN_MAX_EVALUE = 0.01  # as the model's own retrieval database (model.retrieval.max_evalue)
+
+
+def search_tool(search: str, n_targets: int) -> str:
+    """The tool `search` ("auto", "mmseqs2" or "smith-waterman") means for a database of `n_targets` proteins.
+
+    "auto" is an exhaustive Smith-Waterman search (pyswrd) up to `EXHAUSTIVE_MAX_TARGETS` proteins, MMseqs2 above:
+    MMseqs2's k-mer prefilter misses most distant homologs. On the demo's test proteins (<=30% identity to
+    training) it found a hit for 1 to 5 proteins per task where Smith-Waterman at E <= 0.01 found 17 to 23.
+    """
+    if search not in SEARCH_TOOLS:
+        raise ValueError(f"retrieval search must be one of {SEARCH_TOOLS}, got {search!r}")
+    if search == "auto":
+        import importlib.util
+
+        exhaustive = importlib.util.find_spec("pyswrd") is not None and n_targets <= EXHAUSTIVE_MAX_TARGETS
+        return "smith-waterman" if exhaustive else "mmseqs2"
+    return search
+
+
+def smith_waterman_search(queries: dict[str, str], targets: dict[str, str], threads: int = 1,
+                          max_evalue: float = SMITH_WATERMAN_MAX_EVALUE, max_hits: int = 300) -> list[dict]:
+    """Exhaustive Smith-Waterman (pyswrd: BLOSUM62, gap 10/1) of every query against every target.
+
+    Returns hits in `data.mmseqs.easy_search`'s shape, `{"query", "target", "identity", "evalue", "bits", "alnlen"}`,
+    grouped by query in input order, best first; `bits` is the raw alignment score here (only its ratios are used).
+    """
+    import pyswrd
+
+    query_ids, target_ids = list(queries), list(targets)
+    found = pyswrd.search([queries[q] for q in query_ids], pyswrd.Sequences([targets[t] for t in target_ids]),
+                          max_alignments=max_hits, max_evalue=max_evalue, threads=threads)
+    hits = [{"query": query_ids[h.query_index], "target": target_ids[h.target_index],
+             "identity": float(h.result.identity()), "evalue": float(h.evalue), "bits": float(h.score),
+             "alnlen": len(h.result.alignment)}
+            for h in found]
+    order = {q: i for i, q in enumerate(query_ids)}
+    return sorted(hits, key=lambda h: (order[h["query"]], -h["bits"], h["evalue"]))
+
+
+def _search(queries: dict[str, str], targets: dict[str, str], threads: int, sensitivity, tool: str = "mmseqs2") -> list[dict]:
+    """MMseqs2 or Smith-Waterman hits, memoised per (queries, targets, settings): `retrieval` and `retrieval_top1`
+    in one run share one search."""
     import hashlib
 
     from data.mmseqs import easy_search
 
-    key = hashlib.sha256(repr((sorted(queries.items()), sorted(targets.items()), sensitivity)).encode()).hexdigest()
+    key = hashlib.sha256(repr((sorted(queries.items()), sorted(targets.items()), sensitivity, tool)).encode()).hexdigest()
     if key not in _SEARCHES:
         _SEARCHES.clear()  # one search kept: enough for several retrieval predictors over the same examples
-        _SEARCHES[key] = easy_search(queries, targets, threads=threads, sensitivity=sensitivity)
+        _SEARCHES[key] = (smith_waterman_search(queries, targets, threads=threads) if tool == "smith-waterman"
+                          else easy_search(queries, targets, threads=threads, sensitivity=sensitivity))
     return _SEARCHES[key]
 
 
@@ -104,7 +149,7 @@ def medoid_text(neighbours: list[tuple[str, float]]) -> str:
 
 
 class Retrieval:
-    """MMseqs2 retrieval from the training examples of the same task.
+    """Retrieval from the training examples of the same task (`search`: see :func:`search_tool`).
 
     ``combine=False`` (name ``retrieval_top1``): the best-bit-score hit's answer is copied.
     ``combine=True`` (name ``retrieval``): the top ``k`` hits (best bit score first, the test protein's own id
@@ -125,9 +170,12 @@ class Retrieval:
 
     def __init__(self, train_examples: list[dict], threads: int = 1, sensitivity: float | None = None,
                  exclude_same_id: bool = True, combine: bool = True, k: int = 10, share: float = 0.5,
-                 text_combine: str = "top1", ec_min_bits: float = 0.9):
+                 text_combine: str = "top1", ec_min_bits: float = 0.9, search: str = "auto"):
         if text_combine not in ("top1", "medoid"):
             raise ValueError(f"text_combine must be 'top1' or 'medoid', got {text_combine!r}")
+        search_tool(search, 0)  # a bad name fails here, before any search
+        self.search = search
+        self.tools: dict[str, str] = {}  # task -> the tool its search used
         self.name = "retrieval" if combine else "retrieval_top1"
         self.train = {}
         for ex in train_examples:
@@ -148,7 +196,13 @@ class Retrieval:
     def settings(self):
         from data.mmseqs import mmseqs_version
 
-        return {"tool": "mmseqs easy-search", "mmseqs_version": mmseqs_version(), "sensitivity": self.sensitivity,
+        tools = {task: search_tool(self.search, len(targets)) for task, targets in self.train.items()}
+        mmseqs = "mmseqs2" in tools.values()
+        return {"tool": "mmseqs easy-search" if set(tools.values()) == {"mmseqs2"} else "by task",
+                "search": self.search, "tool_by_task": tools,
+                "smith_waterman": None if not set(tools.values()) - {"mmseqs2"} else
+                f"pyswrd exhaustive, BLOSUM62 gap 10/1, E <= {SMITH_WATERMAN_MAX_EVALUE}, rank by score",
+                "mmseqs_version": mmseqs_version() if mmseqs else None, "sensitivity": self.sensitivity,
                 "rank": "best bit score", "fallback": "most_common", "exclude_same_id": self.exclude_same_id,
                 "combine": self.combine, "k": self.k, "weight": "identity (EC: bit score)", "ec_share": self.share,
                 "ec_min_bits": self.ec_min_bits, "text_combine": self.text_combine}
@@ -199,8 +253,10 @@ class Retrieval:
             targets = self.train.get(task, {})
             queries = {ex["id"]: s for ex in exs if (s := _first_seq(ex))}
             kept: dict[str, list] = {}
+            self.tools[task] = search_tool(self.search, len(targets))
             if queries and targets:
-                for h in _search(queries, {k: v[0] for k, v in targets.items()}, self.threads, self.sensitivity):
+                for h in _search(queries, {k: v[0] for k, v in targets.items()}, self.threads, self.sensitivity,
+                                 self.tools[task]):
                     if self.exclude_same_id and h["target"] == h["query"]:
                         continue  # best-first per query
                     if len(kept.setdefault(h["query"], [])) < self.k:

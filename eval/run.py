@@ -114,6 +114,7 @@ def run_evaluation(
     sensitivity: float | None = 7.5,
     retrieval_k: int = 10,
     retrieval_text: str = "top1",
+    retrieval_search: str = "auto",
     go_obo=None,
     temporal_test=None,
     temporal_train=None,
@@ -129,11 +130,13 @@ def run_evaluation(
     `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
     before the model, so before its retrieval too); `no_retrieval` adds `<model>+no_retrieval` (the prompt says no
     similar protein is known: the encoder path alone). `retrieval_k` / `retrieval_text` set the `retrieval`
-    predictor (top-k neighbours; free text by 'top1' or 'medoid'). `go_obo`: an OBO file to propagate GO terms to
+    predictor (top-k neighbours; free text by 'top1' or 'medoid'); `retrieval_search` its search ("auto": exhaustive
+    Smith-Waterman for databases up to 50,000 proteins, else MMseqs2; or "mmseqs2" / "smith-waterman"). `go_obo`: an OBO file to propagate GO terms to
     their ancestors (eval/go.py). `split="temporal"`: see the module docstring; `temporal_test` / `temporal_train`
     default to ../shared/data/ec/new392.jsonl and clean_split10.jsonl. Raises `ValueError` when `data` yields no
     examples.
     """
+    from .baselines import SMITH_WATERMAN_MAX_EVALUE
     from .data import holdout_split, load_examples
     from .generate import FilePredictor, ModelPredictor, run_generation
     from .report import paired_difference, score_predictor, write_report
@@ -247,7 +250,7 @@ def run_evaluation(
             if not train_examples:
                 raise ValueError(f"{spec} needs --train or --holdout")
             p = Retrieval(train_examples, threads=threads, sensitivity=sensitivity, combine=spec == "retrieval",
-                          k=retrieval_k, text_combine=retrieval_text)
+                          k=retrieval_k, text_combine=retrieval_text, search=retrieval_search)
             bs = 10**9
         elif spec.startswith("file:"):
             p, bs = FilePredictor(spec[5:]), 10**9
@@ -300,7 +303,9 @@ def run_evaluation(
                 no_hit = sum(1 for e in exs if p.neighbour[e["id"]] is None)
                 extra["retrieval_no_hit"] = no_hit
                 fallback = p.fallback.answers.get(name, "")
-                notes.append(f"{name}: {p.name} found no hit (MMseqs2 -s {sensitivity or 'default 5.7'}) for "
+                tool = (f"MMseqs2 -s {sensitivity or 'default 5.7'}" if p.tools.get(name) == "mmseqs2"
+                        else f"exhaustive Smith-Waterman, E <= {SMITH_WATERMAN_MAX_EVALUE}")
+                notes.append(f"{name}: {p.name} found no hit ({tool}) for "
                              f"{no_hit} of {len(exs)} test proteins; a no-hit predicts the most-common training "
                              f"answer ({fallback[:80]!r}).")
             res = score_predictor(name, exs, preds, identities.get(name), bootstrap=bootstrap, seed=seed,
