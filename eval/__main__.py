@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     ap.add_argument("--bertscore_model", default=None, help="local encoder folder for BERTScore (else skipped)")
     ap.add_argument("--no_meteor", action="store_true")
-    ap.add_argument("--no_identity", action="store_true", help="skip the MMseqs2 identity-bin breakdown")
-    ap.add_argument("--threads", type=int, default=1, help="MMseqs2 threads")
+    ap.add_argument("--no_identity", action="store_true", help="skip the identity-bin breakdown")
+    ap.add_argument("--threads", type=int, default=1, help="threads of the retrieval and identity searches")
     ap.add_argument("--sensitivity", type=float, default=7.5,
                     help="MMseqs2 -s for the retrieval baseline and identity bins (default 7.5, the most sensitive preset)")
     ap.add_argument("--examples", type=int, default=5, help="examples shown side by side in report.md")

@@ -110,6 +110,10 @@ def test_cli_baselines_on_real_data_with_identity_bins(tmp_path):
     preds = m["tasks"]["go_terms"]["predictors"]
     assert set(preds) == {"retrieval", "most_common"}
     assert preds["retrieval"]["by_identity_bin"] and (out / "go_terms_by_identity.png").stat().st_size > 1000
+    # The bins come from the retrieval baseline's own search (exhaustive on this small set), so a protein the
+    # baseline answers from a neighbour is never in the "no hit" bin.
+    assert "exhaustive Smith-Waterman" in m["header"]["identity"]
+    assert preds["retrieval"]["by_identity_bin"].get("no hit", {}).get("n", 0) == preds["retrieval"]["counts"]["retrieval_no_hit"]
     # resumed run: predictions are reused, not recomputed
     before = (out / "predictions" / "go_terms" / "retrieval.jsonl").read_text()
     assert main(["--data", str(go), "--task", "go", "--holdout", "0.2", "--limit", "12", "--predictor", "retrieval",
