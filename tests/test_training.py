@@ -113,6 +113,10 @@ def test_lora_instruct_saves_adapter_with_projector_and_merged_model(tmp_path, y
     adapter = tmp_path / "out" / "stages" / "instruct" / "adapter"
     weights = load_file(adapter / "adapter_model.safetensors")
     assert any("lora_A" in k for k in weights) and any("projector" in k for k in weights)
+    # The stage's parameter count includes the adapters (they exist only once the stage wraps the model).
+    parameters = json.loads((tmp_path / "out" / "stages" / "instruct" / "stage_complete.json").read_text())["parameters"]
+    lora = sum(t.numel() for k, t in weights.items() if "lora_" in k)
+    assert parameters["trainable"] == parameters["projector"] + lora
     from modeling_protllm import ProtLLMForConditionalGeneration
 
     merged = ProtLLMForConditionalGeneration.from_pretrained(tmp_path / "out" / "model")

@@ -188,6 +188,9 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
             written = feature_cache.precompute(train_dataset, collator, batch_size=training_args.per_device_train_batch_size)
             summary["feature_cache"] = {"directory": str(feature_cache.directory), "written": written}
         train_model = _lora_model(model, stage_spec) if stage.uses_lora(stage_spec) else model
+        if train_model is not model:  # the LoRA adapters exist only now: count them with the trainable parameters
+            counts["trainable"] = sum(numel(p) for p in train_model.parameters() if p.requires_grad)
+            logger.info("[%s] trainable with the LoRA adapters: %.2fM", stage.name, counts["trainable"] / 1e6)
         model_dtype = upcast_trainable_parameters(train_model, training_args)
         trainer = make_sft_trainer(train_model, processor, training_args, train_dataset, collator,
                                    stage.learning_rates(stage_spec, training_args.learning_rate),
