@@ -138,27 +138,9 @@ class TaskScorer:
     # ---- scoring
     def values(self, idx=None) -> dict[str, float]:
         idx = np.arange(self.n) if idx is None else np.asarray(idx, dtype=int)
-        out: dict[str, float] = {}
         if len(idx) == 0:
-            return out
-        for k, a in self.arrays.items():
-            out[k] = float(a[idx].mean())
-        if "bleu" in self.sums:
-            tot = self.sums["bleu"][idx].sum(0)
-            out["bleu2"], out["bleu4"] = S.bleu_from_stats(tot, 2), S.bleu_from_stats(tot, 4)
-        if "sacrebleu" in self.sums:
-            out["sacrebleu"] = S.sacrebleu_from_stats(self.sums["sacrebleu"][idx].sum(0))
-        if "micro" in self.sums:
-            m = S.micro_prf_from_counts(self.sums["micro"][idx].sum(0))
-            pre = "micro_" if self.family == "ec" else ""
-            for k, v in m.items():
-                out[pre + k] = float(v)
-        if self.family == "ec":
-            for k, v in self._wprf(idx).items():
-                out["clean_" + k] = v
-        if self.family == "go":
-            W = np.bincount(idx, minlength=self.n).astype(float)[None, :]  # (1, n)
-            out.update({k: float(v[0]) for k, v in self._go.weighted(W).items()})
+            return {}
+        out = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in self.resampled(idx[None, :]).items()}
         if len(idx) == self.n and getattr(self, "fixed", None):
             out.update(self.fixed)
         return out
@@ -177,7 +159,8 @@ class TaskScorer:
         return out
 
     def resampled(self, I: np.ndarray) -> dict[str, np.ndarray]:
-        """Every metric on each resample: `I` is `(b, n)` example indices; returns `{metric: (b,) values}`."""
+        """Every metric on each resample: `I` is `(b, m)` example indices (a bootstrap draws m = n); returns
+        `{metric: (b,) values}`. `values` is the case of one row."""
         b = I.shape[0]
         res: dict[str, np.ndarray] = {}
         for k, a in self.arrays.items():
@@ -194,7 +177,7 @@ class TaskScorer:
                 res[pre + k] = v
         if self.family == "go":
             W = np.zeros((b, self.n))  # (b, n): how often each example is drawn
-            np.add.at(W, (np.repeat(np.arange(b), self.n), I.ravel()), 1.0)
+            np.add.at(W, (np.repeat(np.arange(b), I.shape[1]), I.ravel()), 1.0)
             res.update(self._go.weighted(W))
         if self.family == "ec":
             w = [self._wprf(row) for row in I]
