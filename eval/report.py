@@ -197,30 +197,27 @@ def resample_indices(n: int, B: int, seed: int = 0):
         done += b
 
 
-def paired_difference(task: str, examples: list[dict], predictions_a: dict[str, str], predictions_b: dict[str, str],
-                      bootstrap: int = 1000, seed: int = 0, alpha: float = 0.05, go_vocabulary=None) -> dict | None:
-    """The primary metric of predictor A minus predictor B on the same examples, with a paired bootstrap 95% CI.
+def paired_difference(a: TaskScorer, b: TaskScorer, bootstrap: int = 1000, seed: int = 0,
+                      alpha: float = 0.05) -> dict | None:
+    """The primary metric of predictor A minus predictor B, with a paired bootstrap 95% CI.
 
-    Both are scored on each resample of the examples (Koehn 2004), so the interval is of the difference itself: far
-    tighter than two separate intervals, which overlap long before a difference is in doubt. Returns
-    `{"metric", "difference", "ci_low", "ci_high", "n"}`, or None without scorable examples.
+    `a` and `b` score the same examples in the same order (:func:`task_scorer`). Both are scored on each resample
+    (Koehn 2004), so the interval is of the difference itself: far tighter than two separate intervals, which
+    overlap long before a difference is in doubt. Returns `{"metric", "difference", "ci_low", "ci_high", "n"}`, or
+    None without scorable examples.
     """
-    family = FAMILY[task]
-    metric = PRIMARY[family]
-    scored = [ex for ex in examples if ex.get("reference") is not None and str(ex["reference"]).strip()]
-    if not scored:
+    if a.n != b.n or a.refs != b.refs:
+        raise ValueError("paired_difference needs two scorers of the same examples")
+    if a.n == 0:
         return None
-    references = [ex["reference"] for ex in scored]
-    metas = [ex.get("meta") or {} for ex in scored]
-    a, b = (TaskScorer(family, [predictions.get(ex["id"]) for ex in scored], references, metas, meteor=False,
-                       go_vocabulary=go_vocabulary) for predictions in (predictions_a, predictions_b))
+    metric = PRIMARY[a.family]
     difference = a.values()[metric] - b.values()[metric]
     low = high = None
     if bootstrap > 0:
         draws = np.concatenate([a.resampled(I)[metric] - b.resampled(I)[metric]
-                                for I in resample_indices(len(scored), bootstrap, seed)])
+                                for I in resample_indices(a.n, bootstrap, seed)])
         low, high = float(np.quantile(draws, alpha / 2)), float(np.quantile(draws, 1 - alpha / 2))
-    return {"metric": metric, "difference": float(difference), "ci_low": low, "ci_high": high, "n": len(scored)}
+    return {"metric": metric, "difference": float(difference), "ci_low": low, "ci_high": high, "n": a.n}
 
 
 def identity_bin(identity: float | None) -> str:
@@ -232,19 +229,33 @@ def identity_bin(identity: float | None) -> str:
     return IDENTITY_BINS[-1][2]
 
 
+def _scored(examples: list[dict]) -> list[dict]:
+    """The examples that have a reference (the others cannot be scored)."""
+    return [ex for ex in examples if ex.get("reference") is not None and str(ex["reference"]).strip()]
+
+
+def task_scorer(task: str, examples: list[dict], predictions: dict[str, str], meteor: bool = True,
+                bertscore_model: str | None = None, go_vocabulary=None) -> TaskScorer:
+    """The :class:`TaskScorer` of `predictions` (`{id: text}`) on the examples of `examples` that have a reference."""
+    scored = _scored(examples)
+    return TaskScorer(FAMILY[task], [predictions.get(ex["id"]) for ex in scored], [ex["reference"] for ex in scored],
+                      [ex.get("meta") or {} for ex in scored], meteor=meteor, bertscore_model=bertscore_model,
+                      go_vocabulary=go_vocabulary)
+
+
 def score_predictor(task: str, examples: list[dict], predictions: dict[str, str], identities: dict | None = None,
                     bootstrap: int = 1000, seed: int = 0, meteor: bool = True, bertscore_model: str | None = None,
-                    extra_counts: dict | None = None, go_vocabulary=None) -> dict:
+                    extra_counts: dict | None = None, go_vocabulary=None, scorer: TaskScorer | None = None) -> dict:
     """Everything the report needs for one (task, predictor): values, CIs, counts, identity bins.
 
     ``go_vocabulary`` (:class:`eval.go.GOVocabulary`, go_terms only): the term dictionary and optional ontology;
-    default: the dictionary of ``examples`` alone, not propagated."""
+    default: the dictionary of ``examples`` alone, not propagated. ``scorer``: the :func:`task_scorer` of these
+    arguments when the caller already built it (to compare predictors with :func:`paired_difference`)."""
     family = FAMILY[task]
-    scored = [ex for ex in examples if ex.get("reference") is not None and str(ex["reference"]).strip()]
+    scored = _scored(examples)
     missing_refs = len(examples) - len(scored)
-    preds = [predictions.get(ex["id"]) for ex in scored]
-    sc = TaskScorer(family, preds, [ex["reference"] for ex in scored], [ex.get("meta") or {} for ex in scored],
-                    meteor=meteor, bertscore_model=bertscore_model, go_vocabulary=go_vocabulary)
+    sc = scorer or task_scorer(task, examples, predictions, meteor=meteor, bertscore_model=bertscore_model,
+                               go_vocabulary=go_vocabulary)
     vals = sc.values()
     cis = sc.bootstrap(bootstrap, seed)
     metrics = {k: {"value": v, "ci_low": cis.get(k, (None, None))[0], "ci_high": cis.get(k, (None, None))[1]}

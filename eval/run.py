@@ -139,7 +139,7 @@ def run_evaluation(
     from .baselines import SMITH_WATERMAN_MAX_EVALUE
     from .data import holdout_split, load_examples
     from .generate import FilePredictor, ModelPredictor, run_generation
-    from .report import paired_difference, score_predictor, write_report
+    from .report import paired_difference, score_predictor, task_scorer, write_report
 
     t0 = time.time()
     out = Path(out)
@@ -293,6 +293,7 @@ def run_evaluation(
     for name, exs in by_task.items():
         results[name] = {"predictors": {}}
         predictions[name] = {}
+        scorers = {}  # predictor name -> its TaskScorer on this task's rows (scores, and pairs of them)
         for p, bs in runs:
             path = out / "predictions" / name / f"{p.name}.jsonl"
             preds = run_generation(p, exs, path, batch_size=bs, progress=progress)
@@ -312,18 +313,18 @@ def run_evaluation(
                 notes.append(f"{name}: {p.name} found no hit ({tool}) for "
                              f"{no_hit} of {len(exs)} test proteins; a no-hit predicts the most-common training "
                              f"answer ({fallback[:80]!r}).")
+            scorers[p.name] = task_scorer(name, exs, preds, meteor=meteor, bertscore_model=bertscore_model,
+                                          go_vocabulary=go_vocabulary)
             res = score_predictor(name, exs, preds, identities.get(name), bootstrap=bootstrap, seed=seed,
-                                  meteor=meteor, bertscore_model=bertscore_model, extra_counts=extra,
-                                  go_vocabulary=go_vocabulary)
+                                  extra_counts=extra, scorer=scorers[p.name])
             results[name]["predictors"][p.name] = res
             predictions[name][p.name] = preds
         # Each model against every other predictor on the same rows: the paired bootstrap CI of the difference.
         models = [p.name for p, _ in runs if isinstance(p, ModelPredictor) and p.retrieval]
         results[name]["paired_differences"] = {
-            model: {other: paired_difference(name, exs, predictions[name][model], predictions[name][other],
-                                             bootstrap=bootstrap, seed=seed, go_vocabulary=go_vocabulary)
-                    for other in predictions[name] if other != model}
-            for model in models if model in predictions[name]}
+            model: {other: paired_difference(scorers[model], scorers[other], bootstrap=bootstrap, seed=seed)
+                    for other in scorers if other != model}
+            for model in models if model in scorers}
         results[name]["family"] = next(iter(results[name]["predictors"].values()))["family"]
         results[name]["n"] = len(exs)
         results[name]["split"] = split_of_task[name]

@@ -70,19 +70,20 @@ def test_function_and_cli_give_the_same_metrics_and_the_demo_table_schema(tmp_pa
 def test_paired_difference_is_the_interval_of_the_difference_on_the_same_rows():
     """Two predictors that share most answers: their own intervals overlap, the paired interval of the difference
     does not include 0 (every row where they differ favours A); identical predictions give exactly 0."""
-    from eval.report import TaskScorer, paired_difference
+    from eval.report import paired_difference, task_scorer
 
     rows = [{"id": f"r{i}", "reference": f"binds zinc ion number {i % 7}"} for i in range(40)]
     shared = {r["id"]: ("binds zinc ion" if i % 3 else "transports sugar") for i, r in enumerate(rows)}
     better = {**shared, **{r["id"]: r["reference"] for i, r in enumerate(rows) if i % 5 == 0}}
-    d = paired_difference("function_text", rows, better, shared, bootstrap=500, seed=0)
+    a, b = (task_scorer("function_text", rows, p, meteor=False) for p in (better, shared))
+    d = paired_difference(a, b, bootstrap=500, seed=0)
     assert d["metric"] == "rougeL" and d["n"] == 40 and d["ci_low"] > 0
-    a, b = (TaskScorer("text", [p[r["id"]] for r in rows], [r["reference"] for r in rows], meteor=False)
-            for p in (better, shared))
     (a_low, _), (_, b_high) = a.bootstrap(500, 0)["rougeL"], b.bootstrap(500, 0)["rougeL"]
     assert a_low < b_high  # the separate intervals overlap
-    same = paired_difference("function_text", rows, shared, dict(shared), bootstrap=200, seed=0)
+    same = paired_difference(b, task_scorer("function_text", rows, dict(shared), meteor=False), bootstrap=200, seed=0)
     assert same["difference"] == same["ci_low"] == same["ci_high"] == 0
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference(a, task_scorer("function_text", rows[:10], shared, meteor=False))
 
 
 def test_no_examples_is_an_error_naming_the_file(tmp_path):
