@@ -68,6 +68,13 @@ def search_tool(search: str, n_targets: int) -> str:
     return search
 
 
+def describe_search(tool: str, sensitivity: float | None = None) -> str:
+    """How a `search_tool` result searches, for reports and settings."""
+    if tool == "mmseqs2":
+        return f"MMseqs2 easy-search -s {sensitivity or 'default 5.7'}"
+    return f"exhaustive Smith-Waterman, pyswrd BLOSUM62 gap 10/1, E <= {SMITH_WATERMAN_MAX_EVALUE}"
+
+
 def smith_waterman_search(queries: dict[str, str], targets: dict[str, str], threads: int = 1,
                           max_evalue: float = SMITH_WATERMAN_MAX_EVALUE, max_hits: int = 300) -> list[dict]:
     """Exhaustive Smith-Waterman (pyswrd: BLOSUM62, gap 10/1) of every query against every target.

@@ -136,7 +136,7 @@ def run_evaluation(
     default to ../shared/data/ec/new392.jsonl and clean_split10.jsonl. Raises `ValueError` when `data` yields no
     examples.
     """
-    from .baselines import SMITH_WATERMAN_MAX_EVALUE
+    from .baselines import describe_search
     from .data import holdout_split, load_examples
     from .generate import FilePredictor, ModelPredictor, run_generation
     from .report import paired_difference, score_predictor, task_scorer, write_report
@@ -308,9 +308,7 @@ def run_evaluation(
                 no_hit = sum(1 for e in exs if p.neighbour[e["id"]] is None)
                 extra["retrieval_no_hit"] = no_hit
                 fallback = p.fallback.answers.get(name, "")
-                tool = (f"MMseqs2 -s {sensitivity or 'default 5.7'}" if p.tools.get(name) == "mmseqs2"
-                        else f"exhaustive Smith-Waterman, E <= {SMITH_WATERMAN_MAX_EVALUE}")
-                notes.append(f"{name}: {p.name} found no hit ({tool}) for "
+                notes.append(f"{name}: {p.name} found no hit ({describe_search(p.tools[name], sensitivity)}) for "
                              f"{no_hit} of {len(exs)} test proteins; a no-hit predicts the most-common training "
                              f"answer ({fallback[:80]!r}).")
             scorers[p.name] = task_scorer(name, exs, preds, meteor=meteor, bertscore_model=bertscore_model,
@@ -345,10 +343,9 @@ def run_evaluation(
         "holdout": holdout, "seed": seed, "bootstrap": bootstrap,
         "data_stats": data_stats, "n_train": len(train_examples) if train_examples else None,
         "identity": None if not identities else (
-            "max identity to any training protein of the task (" + ", ".join(sorted(
-                {f"MMseqs2 easy-search -s {sensitivity or 'default 5.7'}, fident" if tool == "mmseqs2"
-                 else f"exhaustive Smith-Waterman, E <= {SMITH_WATERMAN_MAX_EVALUE}, identity over the alignment"
-                 for tool in identity_tools.values()})) + "); no hit = nothing found by that search"),
+            "max identity over the alignment to any training protein of the task (" + ", ".join(sorted(
+                {describe_search(tool, sensitivity) for tool in identity_tools.values()}))
+            + "); no hit = nothing found by that search"),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": None, "notes": notes,
     }
     header["seconds"] = round(time.time() - t0, 1)
