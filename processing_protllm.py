@@ -18,21 +18,17 @@ model that reads structures has `structure_processing_protllm.ProtLLMStructurePr
 
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import AutoTokenizer, EsmTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils.chat_template_utils import render_jinja_template
 
 try:
-    from .collator_protllm import ProtLLMDataCollator
     from .retrieval_protllm import DATABASE_DIR, RetrievalDatabase, render_block
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
-    from collator_protllm import ProtLLMDataCollator
     from retrieval_protllm import DATABASE_DIR, RetrievalDatabase, render_block
 
 PROTEIN_TOKEN = "<protein>"
@@ -41,12 +37,6 @@ PROTEIN_END_TOKEN = "<|protein_end|>"
 # A chat template's `{% generation %}` tag (the same pattern transformers looks for): marks the assistant text.
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-# fair-esm / HF ESM-2 alphabet, in id order.
-ESM_VOCAB = [
-    "<cls>", "<pad>", "<eos>", "<unk>",
-    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
-    "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
-]
 #: The residue rule of every ProtLLM input: the ESM-2 alphabet (20 amino acids plus B, Z, U, O, X).
 VALID_RESIDUES = frozenset("ACDEFGHIKLMNPQRSTVWYBZUOX")
 
@@ -75,23 +65,6 @@ def clean_residues(sequence, context: str = "sequence", error_class: type = Valu
 def clean_sequence(sequence, protein_index: int) -> str:
     """`clean_residues` for protein `protein_index`: ProteinInputError naming the protein and the first bad residue."""
     return clean_residues(sequence, f"protein {protein_index}", ProteinInputError)
-
-
-def protein_tokenizer_from_vocab(vocab: list[str]) -> EsmTokenizer:
-    """An `EsmTokenizer` over `vocab` (token strings in id order), built offline."""
-    with tempfile.TemporaryDirectory() as directory:
-        vocab_file = os.path.join(directory, "vocab.txt")
-        with open(vocab_file, "w") as handle:
-            handle.write("\n".join(vocab) + "\n")
-        return EsmTokenizer(vocab_file=vocab_file)
-
-
-def build_protein_tokenizer(kind: str = "esm") -> EsmTokenizer:
-    """The ESM-2 tokenizer (`"esm"`, 33 tokens), built offline. SaProt's lives with the 3Di code it needs."""
-    if kind != "esm":
-        raise ValueError(f"protein tokenizer kind {kind!r}: this module builds 'esm'; SaProt's ('saprot') is "
-                         "structure_processing_protllm.ProtLLMStructureProcessor.default_protein_tokenizer('saprot')")
-    return protein_tokenizer_from_vocab(ESM_VOCAB)
 
 
 def _describe_structure_input(source) -> str:
@@ -137,7 +110,7 @@ class ProtLLMProcessor(ProcessorMixin):
 
     Args:
         tokenizer: the LLM tokenizer (any fast tokenizer with a chat template); must know the protein tokens
-            (use `ProtLLMProcessor.from_tokenizers`, which adds them).
+            (`protllm.processors.build_processor` of the ProtLLM repository adds them).
         protein_tokenizer: an `EsmTokenizer` (ESM-2 or SaProt vocabulary).
         chat_template (`str`, *optional*): a Jinja template; defaults to the LLM tokenizer's own.
         num_query_tokens (`int`, *optional*): protein tokens per protein for a resampler projector; None means
@@ -154,7 +127,7 @@ class ProtLLMProcessor(ProcessorMixin):
     structured content (a protein block then carries `"text": "<protein>"`).
 
     Padding side: the LLM tokenizer's `padding_side` (saved with the tokenizer, as for every transformers processor);
-    `from_tokenizers` sets it to left, what batched generation needs. `padding_side=` on a call overrides it.
+    `build_processor` sets it to left, what batched generation needs. `padding_side=` on a call overrides it.
     """
 
     valid_processor_kwargs = ProtLLMProcessorKwargs
@@ -177,13 +150,17 @@ class ProtLLMProcessor(ProcessorMixin):
     ):
         if protein_overflow not in ("crop", "error"):
             raise ValueError(f"protein_overflow must be 'crop' or 'error', got {protein_overflow!r}")
-        self._check_encoder_input(protein_encoder_input)
+        if protein_encoder_input not in self.protein_encoder_inputs:
+            raise ValueError(f"protein_encoder_input must be one of {self.protein_encoder_inputs} for {type(self).__name__}, got "
+                             f"{protein_encoder_input!r} (SaProt's 3Di tokens come from structures: use "
+                             "structure_processing_protllm.ProtLLMStructureProcessor)")
         self.num_query_tokens = num_query_tokens
         self.max_protein_length = max_protein_length
         self.protein_overflow = protein_overflow
         self.protein_encoder_input = protein_encoder_input
         self.plddt_threshold = plddt_threshold
-        # Folders saved before padding_side moved to the tokenizer carry it in processor_config.json.
+        # Set on the LLM tokenizer (saved there): by `build_processor`, and from the processor_config.json of folders
+        # saved before padding_side moved to the tokenizer.
         padding_side = kwargs.pop("padding_side", None)
         super().__init__(tokenizer, protein_tokenizer, chat_template=chat_template)
         if padding_side is not None:
@@ -192,36 +169,8 @@ class ProtLLMProcessor(ProcessorMixin):
         self.retrieval_database = None
         missing = [t for t in (PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN) if t not in self.tokenizer.get_vocab()]
         if missing:
-            raise ValueError(f"the LLM tokenizer lacks the protein tokens {missing}; build with ProtLLMProcessor.from_tokenizers")
-
-    @classmethod
-    def _check_encoder_input(cls, protein_encoder_input: str) -> None:
-        if protein_encoder_input == "saprot" and "saprot" not in cls.protein_encoder_inputs:
-            raise ValueError(f"protein_encoder_input='saprot' needs 3Di tokens computed from structures, which {cls.__name__} "
-                             "does not read; use structure_processing_protllm.ProtLLMStructureProcessor")
-        if protein_encoder_input not in cls.protein_encoder_inputs:
-            raise ValueError(f"protein_encoder_input must be one of {cls.protein_encoder_inputs}, got {protein_encoder_input!r}")
-
-    @classmethod
-    def default_protein_tokenizer(cls, protein_encoder_input: str = "sequence") -> EsmTokenizer:
-        """The protein tokenizer `from_tokenizers` builds when given none: ESM-2's (SaProt's in the structure subclass)."""
-        cls._check_encoder_input(protein_encoder_input)
-        return build_protein_tokenizer("esm")
-
-    @classmethod
-    def from_tokenizers(cls, tokenizer, protein_tokenizer=None, **kwargs):
-        """Add the protein tokens to an LLM tokenizer (name, path or object) and build the processor."""
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        if protein_tokenizer is None:
-            protein_tokenizer = cls.default_protein_tokenizer(kwargs.get("protein_encoder_input", "sequence"))
-        elif isinstance(protein_tokenizer, (str, os.PathLike)):
-            protein_tokenizer = AutoTokenizer.from_pretrained(protein_tokenizer)
-        tokenizer.add_tokens([PROTEIN_TOKEN, PROTEIN_START_TOKEN, PROTEIN_END_TOKEN], special_tokens=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        _set_padding_side(tokenizer, kwargs.pop("padding_side", "left"))
-        return cls(tokenizer, protein_tokenizer, **kwargs)
+            raise ValueError(f"the LLM tokenizer lacks the protein tokens {missing}; build the processor with "
+                             "protllm.processors.build_processor (ProtLLM repository), which adds them")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -604,14 +553,6 @@ class ProtLLMProcessor(ProcessorMixin):
             spans.append((len(prefix), len(upto)))
         return spans
 
-    def render_conversation(self, messages, learn_from: int = 0, chat_template=None, **template_kwargs):
-        """One conversation -> (rendered text with one `<protein>` per protein, proteins in order, character spans of
-        the assistant turns from message `learn_from` on). What the training collator tokenizes."""
-        chat_template = self._template(chat_template)
-        text_messages, proteins = self._template_messages(messages, chat_template)
-        text = self._render(text_messages, chat_template, **template_kwargs)
-        return text, proteins, self.assistant_turn_spans(text_messages, learn_from, chat_template, **template_kwargs)
-
     def apply_chat_template(
         self,
         conversation,
@@ -683,17 +624,6 @@ class ProtLLMProcessor(ProcessorMixin):
         )
         return out if return_dict else out["input_ids"]
 
-    def data_collator(self, max_length: int | None = None, pad_to_multiple_of: int | None = None) -> ProtLLMDataCollator:
-        """The training collator for this processor (for `SFTTrainer(data_collator=...)`): rows with `messages` or
-        `prompt`/`completion` -> padded batches with labels on the answer tokens only; see `ProtLLMDataCollator`."""
-        return ProtLLMDataCollator(self, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
-
-__all__ = ["ProtLLMProcessor", "ProtLLMProcessorKwargs", "ProteinInputError", "VALID_RESIDUES", "build_protein_tokenizer",
-           "clean_residues", "clean_sequence", "protein_tokenizer_from_vocab"]
+__all__ = ["ProtLLMProcessor", "ProtLLMProcessorKwargs", "ProteinInputError", "VALID_RESIDUES", "clean_residues",
+           "clean_sequence"]

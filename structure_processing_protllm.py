@@ -10,20 +10,12 @@ this class; a sequence model's folder names `processing_protllm.ProtLLMProcessor
 from dataclasses import fields
 
 try:
-    from .processing_protllm import (
-        ProteinInputError,
-        ProtLLMProcessor,
-        protein_tokenizer_from_vocab,
-    )
-    from .saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
+    from .processing_protllm import ProteinInputError, ProtLLMProcessor
+    from .saprot_protllm import saprot_sequence, three_di_tokens
     from .structure_protllm import ProteinStructure, StructureError, load_structure
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
-    from processing_protllm import (
-        ProteinInputError,
-        ProtLLMProcessor,
-        protein_tokenizer_from_vocab,
-    )
-    from saprot_protllm import SAPROT_VOCAB, saprot_sequence, three_di_tokens
+    from processing_protllm import ProteinInputError, ProtLLMProcessor
+    from saprot_protllm import saprot_sequence, three_di_tokens
     from structure_protllm import ProteinStructure, StructureError, load_structure
 
 
@@ -38,13 +30,6 @@ class ProtLLMStructureProcessor(ProtLLMProcessor):
 
     protein_encoder_inputs = ("sequence", "saprot")
     reads_structures = True
-
-    @classmethod
-    def default_protein_tokenizer(cls, protein_encoder_input: str = "sequence"):
-        """SaProt's tokenizer (446 amino-acid x 3Di tokens, built offline) for SaProt input, else ESM-2's."""
-        if protein_encoder_input == "saprot":
-            return protein_tokenizer_from_vocab(SAPROT_VOCAB)
-        return super().default_protein_tokenizer(protein_encoder_input)
 
     def _load_structure(self, source, chain, sequence, protein_index):
         if not isinstance(source, ProteinStructure) and hasattr(source, "sequence") and hasattr(source, "coords"):

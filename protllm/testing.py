@@ -9,6 +9,7 @@ import torch
 from configuration_protllm import ProtLLMConfig
 from .local_weights import smollm2_path
 from .model_classes import causal_lm_class, processor_class
+from .processors import build_processor
 
 TINY_TEXT_CONFIGS = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -34,7 +35,8 @@ def build_tiny_protllm(text_model_type: str = "llama", seed: int = 0, text_confi
     processor_kwargs.setdefault("protein_encoder_input", encoder_input)
     # The processor class the model needs (the structure reader only for a model that reads structures); it builds
     # the protein tokenizer protein_encoder_input asks for (ESM-2's, or SaProt's).
-    processor = processor_class(config_kwargs).from_tokenizers(str(smollm2_path(tokenizer_only=True)), **processor_kwargs)
+    processor = build_processor(str(smollm2_path(tokenizer_only=True)), processor_class=processor_class(config_kwargs),
+                                **processor_kwargs)
     text = dict(TINY_TEXT_CONFIGS[text_model_type], **(text_config or {}))
     text["vocab_size"] = len(processor.tokenizer)
     tokenizer = processor.tokenizer

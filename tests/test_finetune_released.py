@@ -2,7 +2,9 @@
 
 The snippet of protllm/sharing/snippet.py (model card "Use" section, README "Fine-tune a released model") runs
 verbatim in a fresh interpreter that cannot import the repository, from a temporary directory, against a folder saved
-by `save_model_folder`: as written (full fine-tuning) and with its `use_lora = True` switch.
+by `save_model_folder`: as written (full fine-tuning) and with its `use_lora = True` switch. Its `collate` function,
+written on the processor's standard `apply_chat_template(return_assistant_tokens_mask=True)`, must give the batches
+of this repository's training collator.
 """
 
 import json
@@ -12,13 +14,13 @@ import re
 import pytest
 import torch
 
-from collator_protllm import ProtLLMDataCollator
 from conftest import REPO_ROOT
 from fresh_process import run_fresh_python
+from processing_protllm import ProtLLMProcessor
 from protllm.model_folder import save_model_folder
 from protllm.sharing.snippet import FINETUNE_SNIPPET, README_REPO_ID, finetune_snippet
 from protllm.testing import build_tiny_protllm
-from protllm.training.collator import ProtLLMDataCollator as TrainingCollator
+from protllm.training.collator import ProtLLMDataCollator
 
 # Appended after the snippet (which stays verbatim): what the trainer learned from, and what it changed.
 CHECKS = """
@@ -33,9 +35,10 @@ rows = [train_dataset[i] for i in range(len(train_dataset))]
 batch = trainer.data_collator(rows)
 labelled = [processor.decode(row[row != -100]) for row in batch["labels"]]
 protein_labelled = int((batch["labels"][batch["input_ids"] == processor.protein_token_id] != -100).sum())
+tensors = {key: batch[key].tolist() for key in ("input_ids", "attention_mask", "labels", "protein_input_ids")}
 print(json.dumps({"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "changed": changed,
                   "lora_nonzero": len(lora_nonzero), "labelled": labelled, "protein_labelled": protein_labelled,
-                  "collator": type(trainer.data_collator).__module__, "saved": sorted(os.listdir(args.output_dir))}))
+                  "rows": rows, "batch": tensors, "saved": sorted(os.listdir(args.output_dir))}))
 """
 
 
@@ -62,10 +65,12 @@ def test_released_folder_fine_tunes_with_plain_trl(released, tmp_path, lora):
     result = run_snippet(released, tmp_path, lora)
     print(f"fine-tune snippet ({'lora' if lora else 'full'}) losses: {result['losses']}")
     assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
-    assert result["collator"].startswith("transformers_modules"), "the collator comes from the folder's remote code"
     # Only the assistant answers (and their end-of-turn token) are learned; never a protein or prompt token.
     assert [text.removesuffix("\n") for text in result["labelled"]] == [f"{a}<|im_end|>" for a in ANSWERS]
     assert result["protein_labelled"] == 0
+    # The snippet's collate function gives, on the snippet's own rows, the batch train_sft.py's collator gives.
+    expected = ProtLLMDataCollator(ProtLLMProcessor.from_pretrained(released))(result["rows"])
+    assert {key: expected[key].tolist() for key in result["batch"]} == result["batch"]
     if lora:
         assert result["lora_nonzero"] > 0, "LoRA B matrices start at zero: training must move them"
         assert result["changed"] == [], "LoRA leaves every saved weight of the base model as it was"
@@ -102,13 +107,19 @@ def labelled_texts(processor, batch):
     return [processor.decode(row[row != -100]) for row in batch["labels"]]
 
 
-def test_train_sft_uses_the_remote_code_collator(tiny):
+def test_assistant_tokens_mask_labels_equal_the_training_collator_labels(tiny):
+    """What the snippet's `collate` does, on rows of different lengths and a multi-turn chat: the processor's standard
+    assistant mask labels exactly the tokens the training collator labels, and pads the same way."""
     _, processor = tiny
-    assert issubclass(TrainingCollator, ProtLLMDataCollator)
-    assert type(processor.data_collator()) is ProtLLMDataCollator
-    rows = [{"messages": MESSAGES}]
-    remote, training = processor.data_collator()(rows), TrainingCollator(processor)(rows)
-    assert remote.keys() == training.keys() and all(torch.equal(remote[k], training[k]) for k in remote)
+    follow_up = MESSAGES + [{"role": "user", "content": "And its location?"},
+                            {"role": "assistant", "content": [{"type": "text", "text": "The nucleus."}]}]
+    rows = [{"messages": MESSAGES}, {"messages": follow_up}]
+    batch = processor.apply_chat_template([r["messages"] for r in rows], tokenize=True, return_dict=True,
+                                          return_tensors="pt", return_assistant_tokens_mask=True, padding_side="right")
+    batch["labels"] = batch["input_ids"].masked_fill(batch.pop("assistant_masks") == 0, -100)
+    training = ProtLLMDataCollator(processor)(rows)
+    assert batch.keys() == training.keys() and all(torch.equal(batch[k], training[k]) for k in batch)
+    assert labelled_texts(processor, batch)[1] == "It binds ATP.<|im_end|>\nThe nucleus.<|im_end|>\n"
 
 
 def test_prompt_completion_rows_learn_the_completion_only(tiny):
@@ -119,13 +130,13 @@ def test_prompt_completion_rows_learn_the_completion_only(tiny):
         {"prompt": MESSAGES + MESSAGES[:1], "completion": [{"role": "assistant", "content": "A kinase."}]},
         {"prompt": "Protein: <protein>\nFunction:", "completion": " An ATPase.", "proteins": ["MKTAYIAKQR"]},  # standard
     ]
-    batch = processor.data_collator()(rows)
+    batch = ProtLLMDataCollator(processor)(rows)
     assert labelled_texts(processor, batch) == ["It binds ATP.<|im_end|>\n", "It binds ATP.<|im_end|>\n",
                                                 "A kinase.<|im_end|>\n", " An ATPase.<|im_end|>"]
     assert batch["protein_input_ids"].shape[0] == 5  # one per conversation, two in the multi-turn prompt
     assert (batch["labels"][batch["input_ids"] == processor.protein_token_id] == -100).all()
     with pytest.raises(ValueError, match="expected `messages`, or `prompt` and `completion`"):
-        processor.data_collator()([{"text": "x"}])
+        ProtLLMDataCollator(processor)([{"text": "x"}])
 
 
 def test_trl_dataset_preparation_tokenizes_through_the_processor(tiny):

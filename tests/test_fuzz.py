@@ -38,7 +38,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processing_protllm import VALID_RESIDUES, ProteinInputError, ProtLLMProcessor, build_protein_tokenizer, clean_sequence
+from processing_protllm import VALID_RESIDUES, ProteinInputError, ProtLLMProcessor, clean_sequence
+from protllm.processors import build_processor, build_protein_tokenizer
 from structure_protllm import MAX_STRUCTURE_FILE_BYTES, ProteinStructure, StructureError, load_structure, parse_structure_chains
 
 CASES: Counter = Counter()
@@ -85,8 +86,8 @@ def _timed(start: float, what: str):
 def processor():
     from protllm.local_weights import smollm2_path
 
-    return ProtLLMProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), build_protein_tokenizer("esm"),
-                                            max_protein_length=64)
+    return build_processor(str(smollm2_path(tokenizer_only=True)), build_protein_tokenizer("esm"),
+                           processor_class=ProtLLMProcessor, max_protein_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,8 @@ def structure_processor():
     from protllm.local_weights import smollm2_path
     from structure_processing_protllm import ProtLLMStructureProcessor
 
-    return ProtLLMStructureProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), max_protein_length=64)
+    return build_processor(str(smollm2_path(tokenizer_only=True)), processor_class=ProtLLMStructureProcessor,
+                           max_protein_length=64)
 
 
 # Characters chosen to hit the residue policy's edges: valid letters (both cases), the ESM specials that are

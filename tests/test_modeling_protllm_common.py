@@ -25,8 +25,10 @@ from transformers.testing_utils import torch_device
 
 from configuration_protllm import ProtLLMConfig
 from modeling_protllm import ProtLLMForConditionalGeneration, ProtLLMModel
-from processing_protllm import ProtLLMProcessor, build_protein_tokenizer
+from processing_protllm import ProtLLMProcessor
 from protllm.local_weights import smollm2_path
+from protllm.processors import build_processor, build_protein_tokenizer
+from protllm.training.collator import render_conversation
 from transformers_common import test_modeling_common
 from transformers_common.generation.test_utils import GenerationTesterMixin
 from transformers_common.test_configuration_common import ConfigTester
@@ -697,7 +699,8 @@ class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     @classmethod
     def _setup_from_components(cls):
-        return ProtLLMProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), build_protein_tokenizer("esm"))
+        return build_processor(str(smollm2_path(tokenizer_only=True)), build_protein_tokenizer("esm"),
+                               processor_class=ProtLLMProcessor)
 
     # ----- ProtLLM's own checks of the conventions the fixes above adopted -------------------------------------------
 
@@ -732,7 +735,7 @@ class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     def test_generation_blocks_decide_the_learned_spans(self):
         """With `{% generation %}` blocks the learned spans are the blocks, in the training collator's rendering too
-        (`render_conversation`, with `learn_from`); without them, each assistant turn after its generation prompt."""
+        (`protllm.training.collator.render_conversation`, with `learn_from`); without them, each assistant turn after its generation prompt."""
         processor = self._setup_from_components()
         template = (
             "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -745,10 +748,10 @@ class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
             {"role": "user", "content": "Location?"},
             {"role": "assistant", "content": "The membrane."},
         ]
-        text, proteins, spans = processor.render_conversation(messages, learn_from=2, chat_template=template)
+        text, proteins, spans = render_conversation(processor, messages, learn_from=2, chat_template=template)
         self.assertEqual(len(proteins), 1)
         self.assertEqual([text[start:end] for start, end in spans], ["The membrane.<|im_end|>"])
-        _, _, all_turns = processor.render_conversation(messages, chat_template=template)
+        _, _, all_turns = render_conversation(processor, messages, chat_template=template)
         self.assertEqual([text[start:end] for start, end in all_turns], ["A kinase.<|im_end|>", "The membrane.<|im_end|>"])
 
         # The tokens apply_chat_template marks are those of the blocks, protein tokens never among them.
@@ -758,5 +761,5 @@ class ProtLLMProcessorTest(ProcessorTesterMixin, unittest.TestCase):
         self.assertEqual(processor.decode(learned), "A kinase.<|im_end|>The membrane.<|im_end|>")
 
         # SmolLM2's own template has no generation blocks: the answer and its end-of-turn marker are learned.
-        text, _, spans = processor.render_conversation(messages)
+        text, _, spans = render_conversation(processor, messages)
         self.assertEqual([text[start:end] for start, end in spans], ["A kinase.<|im_end|>\n", "The membrane.<|im_end|>\n"])

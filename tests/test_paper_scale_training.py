@@ -19,10 +19,10 @@ import yaml
 
 import train_sft
 from fresh_process import run_fresh_python
-from processing_protllm import build_protein_tokenizer
 from protllm.building import build_from_recipe, build_protllm
 from protllm.local_weights import smollm2_path
 from protllm.model_classes import sequence_only_messages
+from protllm.processors import build_protein_tokenizer
 from protllm.testing import build_tiny_protllm, tiny_protein_config
 from protllm.training.collator import ProtLLMDataCollator
 from protllm.training.feature_cache import FeatureCache

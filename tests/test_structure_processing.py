@@ -10,6 +10,7 @@ from fresh_process import run_fresh_python
 from processing_protllm import ProteinInputError, ProtLLMProcessor
 from protllm.local_weights import smollm2_path
 from protllm.model_classes import processor_class, reads_structures
+from protllm.processors import build_processor
 from structure_processing_protllm import ProtLLMStructureProcessor
 from structure_protllm import load_structure
 
@@ -19,7 +20,7 @@ CSA_FILE = "structures/csa_enzymes/1A05.pdb.gz"  # chains A and B
 
 @pytest.fixture(scope="module")
 def core_processor():
-    return ProtLLMProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)))
+    return build_processor(str(smollm2_path(tokenizer_only=True)), processor_class=ProtLLMProcessor)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_core_processor_takes_a_parsed_structure_and_its_coordinates(core_proces
     exactly as the structure processor does for the same chain."""
     structure = load_structure(str(csa_file), chain="B")
     core = core_processor(text="<protein>", proteins=[structure], return_tensors="np")
-    reader = ProtLLMStructureProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)))
+    reader = build_processor(str(smollm2_path(tokenizer_only=True)), processor_class=ProtLLMStructureProcessor)
     from_file = reader(text="<protein>", proteins=[{"structure": str(csa_file), "chain": "B"}], return_tensors="np")
     for key in ("input_ids", "protein_input_ids", "protein_coords", "protein_coord_mask"):
         np.testing.assert_array_equal(core[key], from_file[key])
@@ -65,15 +66,33 @@ def test_core_processor_takes_a_parsed_structure_and_its_coordinates(core_proces
 
 
 def test_saprot_input_needs_the_structure_processor():
-    with pytest.raises(ValueError, match="protein_encoder_input='saprot' needs 3Di tokens.*ProtLLMStructureProcessor"):
-        ProtLLMProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), protein_encoder_input="saprot")
-    saprot = ProtLLMStructureProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), protein_encoder_input="saprot")
+    with pytest.raises(ValueError, match="protein_encoder_input must be one of \\('sequence',\\) for ProtLLMProcessor, got 'saprot'.*3Di.*ProtLLMStructureProcessor"):
+        build_processor(str(smollm2_path(tokenizer_only=True)), processor_class=ProtLLMProcessor, protein_encoder_input="saprot")
+    saprot = build_processor(str(smollm2_path(tokenizer_only=True)), processor_class=ProtLLMStructureProcessor,
+                             protein_encoder_input="saprot")
     assert len(saprot.protein_tokenizer) == 446
+    # Without a class, the builder picks the one the model needs, and the protein tokenizer its encoder reads.
+    chosen = build_processor(str(smollm2_path(tokenizer_only=True)), protein_encoder_input="saprot")
+    assert type(chosen) is ProtLLMStructureProcessor and chosen.protein_tokenizer.get_vocab() == saprot.protein_tokenizer.get_vocab()
+    sequence = build_processor(str(smollm2_path(tokenizer_only=True)))
+    assert type(sequence) is ProtLLMProcessor and len(sequence.protein_tokenizer) == 33
     # which models read structures, and so get the structure processor
     assert not reads_structures({}) and processor_class({}) is ProtLLMProcessor
     assert not reads_structures({"protein_encoder_backend": "esmc"})
     for settings in ({"use_structure_bias": True}, {"protein_encoder_input": "saprot"}, {"protein_encoder_backend": "esm3"}):
         assert reads_structures(settings) and processor_class(settings) is ProtLLMStructureProcessor, settings
+
+
+def test_a_tokenizer_without_the_protein_tokens_is_refused_naming_the_builder():
+    from transformers import AutoTokenizer
+
+    from protllm.processors import build_protein_tokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(smollm2_path(tokenizer_only=True)))
+    with pytest.raises(ValueError, match=r"lacks the protein tokens \['<protein>'.*protllm\.processors\.build_processor"):
+        ProtLLMProcessor(plain, build_protein_tokenizer("esm"))
+    with pytest.raises(ValueError, match="protein tokenizer kind must be 'esm' or 'saprot', got 'esm2'"):
+        build_protein_tokenizer("esm2")
 
 
 FRESH_STRUCTURE_PROCESSOR = """
@@ -89,7 +108,8 @@ print(json.dumps({{"class": type(processor).__name__, "module": type(processor).
 
 
 def test_structure_processor_saves_and_loads_through_auto_processor_in_a_fresh_process(tmp_path, csa_file):
-    processor = ProtLLMStructureProcessor.from_tokenizers(str(smollm2_path(tokenizer_only=True)), max_protein_length=512)
+    processor = build_processor(str(smollm2_path(tokenizer_only=True)), processor_class=ProtLLMStructureProcessor,
+                                max_protein_length=512)
     processor.register_for_auto_class()
     folder = tmp_path / "processor"
     processor.save_pretrained(folder)

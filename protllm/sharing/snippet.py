@@ -81,7 +81,6 @@ model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 
 # Chat rows with protein content blocks (a block may also carry "structure": "model.pdb" and "chain": "A").
-# TRL's prompt-completion rows work too: {"prompt": [user message], "completion": [assistant message]}.
 def row(sequence, question, answer):
     return {"messages": [
         {"role": "user", "content": [{"type": "protein", "sequence": sequence}, {"type": "text", "text": question}]},
@@ -93,11 +92,19 @@ train_dataset = Dataset.from_list([
     row("MSLEQKKGADIISKILQIQNSIGKTTSPSTLKT", "Where is this protein located?", "In the cytoplasm."),
 ])
 
+# Batches through the processor's chat template, proteins tokenized (and structures read) per batch; the loss
+# covers the assistant answers only: the tokens the processor marks in `assistant_masks`, never a protein token.
+def collate(rows):
+    batch = processor.apply_chat_template([r["messages"] for r in rows], tokenize=True, return_dict=True,
+                                          return_tensors="pt", return_assistant_tokens_mask=True, padding_side="right")
+    batch["labels"] = batch["input_ids"].masked_fill(batch.pop("assistant_masks") == 0, -100)
+    return batch
+
 args = SFTConfig(
     output_dir="protllm-finetuned", max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4, logging_steps=1,
     use_cpu=True, bf16=False,  # on CPU; drop this line on a GPU
-    # The processor's collator tokenizes the proteins (and reads structures) per batch, so TRL's text-only
-    # dataset preparation is skipped and the content-block column is kept.
+    # `collate` tokenizes the proteins per batch, so TRL's text-only dataset preparation is skipped and the
+    # content-block column is kept.
     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
 )
 use_lora = False  # True: train LoRA adapters on the LLM (and the projector in full) instead of every weight
@@ -105,8 +112,7 @@ peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"
                          task_type="CAUSAL_LM") if use_lora else None
 trainer = SFTTrainer(
     model=model, args=args, train_dataset=train_dataset, processing_class=processor, peft_config=peft_config,
-    # loss on the assistant answers only; a row longer than max_length loses answer tokens, never protein tokens
-    data_collator=processor.data_collator(max_length=args.max_length),
+    data_collator=collate,
 )
 trainer.train()
 trainer.save_model()
