@@ -171,8 +171,6 @@ class ProtLLMConfig(PreTrainedConfig):
         # Tied-embedding LLMs (Qwen2, SmolLM) load wrong unless the composite config says so too.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-        if self.moe_num_experts > 0:
-            self._mirror_moe_settings_to_text_config()
         self.route_protein_attn_implementation()
 
     @property
@@ -203,17 +201,6 @@ class ProtLLMConfig(PreTrainedConfig):
             protein_config._attn_implementation = "sdpa"
         return protein_config._attn_implementation
 
-    def _mirror_moe_settings_to_text_config(self):
-        # TRL's SFTTrainer (fused LM head) and transformers' load-balancing loss read these names from
-        # `config.get_text_config()`: mirroring them is what makes the router loss reach the gradient there.
-        self.text_config.num_experts = self.moe_num_experts
-        self.text_config.num_local_experts = self.moe_num_experts
-        self.text_config.num_experts_per_tok = self.moe_top_k
-        self.text_config.router_aux_loss_coef = self.moe_router_aux_loss_coef
-        if not hasattr(self.text_config, "output_router_logits"):
-            # Present (TRL checks for the attribute) but off: generation need not collect router logits.
-            self.text_config.output_router_logits = False
-
     def validate_protllm(self):
         """Part of `@strict` validation: values that type hints cannot express."""
         problems = []
@@ -237,6 +224,9 @@ class ProtLLMConfig(PreTrainedConfig):
             problems.append("moe_capacity_factor and moe_eval_capacity_factor must be > 0 (eval: or None, no limit)")
         if self.protein_encoder_backend in EVOLUTIONARYSCALE_BACKENDS and self.protein_encoder_input != "sequence":
             problems.append(f"protein_encoder_backend={self.protein_encoder_backend!r} reads amino acids (ESM3 adds its own structure tokens): protein_encoder_input must be 'sequence'")
+        if self.moe_num_experts and self.protein_encoder_backend in EVOLUTIONARYSCALE_BACKENDS:
+            problems.append(f"moe_num_experts with protein_encoder_backend={self.protein_encoder_backend!r}: the mixture of "
+                            "experts (SEPIT) is built for ESM-2 encoders ('esm', 'fair-esm'); ESM3 / ESM C models stay dense")
         if self.use_structure_bias and self.protein_encoder_backend != "esm":
             problems.append("use_structure_bias requires protein_encoder_backend='esm' (the bias rides in EsmModel's attention mask)")
         if self.protein_config is not None:

@@ -1,17 +1,14 @@
-"""The protein-encoder side of ProtLLM: transformers `EsmModel` (or fair-esm `ESM2`) plus SEPIT's structure bias
-(pairwise CA distances -> Gaussian kernels -> per-head attention bias and a residue term). ESM3 / ESM C encoders
-subclass `ProtLLMProteinEncoder` in an optional module, which a model folder carries only when its model needs it.
+"""The protein-encoder side of ProtLLM: transformers `EsmModel` (or fair-esm `ESM2`) on amino acids.
+
+Optional modules subclass `ProtLLMProteinEncoder`, and a model folder carries one only when its model needs it:
+SEPIT's structure bias (`sepit_protllm.py`), ESM3 / ESM C encoders (`esm3_protllm.py`).
 
 Shapes used below: P proteins in the batch, T protein tokens (residues + <cls> + <eos>, padded),
-R = T - 2 residue positions, H encoder attention heads, K distance kernels, D_p encoder width.
+R = T - 2 residue positions, D_p encoder width.
 """
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.models.esm.modeling_esm import EsmModel
 
 try:
@@ -20,118 +17,23 @@ except ImportError:  # loaded as a top-level module (repository checkout, not re
     from configuration_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMConfig
 
 
-class ProtLLMGaussianKernels(nn.Module):
-    """A bank of learnable Gaussian basis functions over distances: `(...)` -> `(..., num_kernels)`."""
-
-    def __init__(self, num_kernels: int, max_distance: float = 24.0):
-        super().__init__()
-        self.num_kernels = num_kernels
-        self.max_distance = max_distance
-        self.means = nn.Parameter(torch.empty(num_kernels))
-        self.log_stds = nn.Parameter(torch.empty(num_kernels))
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        with torch.no_grad():
-            self.means.copy_(torch.linspace(0.0, self.max_distance, self.num_kernels))
-            spacing = self.max_distance / max(self.num_kernels - 1, 1)
-            self.log_stds.fill_(math.log(max(spacing, 0.5)))
-
-    def forward(self, distances: torch.Tensor) -> torch.Tensor:
-        # In the distances' dtype (fp32 from the structure bias): bf16 means/stds would shift kernels of width 0.5 A.
-        stds = self.log_stds.to(distances.dtype).exp()
-        z = (distances.unsqueeze(-1) - self.means.to(distances.dtype)) / stds
-        return torch.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * stds)
-
-
-class ProtLLMStructureBias(nn.Module):
-    """SEPIT's structure module: pairwise CA distances -> Gaussian kernels -> 2-layer GELU MLP -> one additive
-    attention bias per head, plus the kernel features summed over each residue's neighbours, projected to the
-    encoder width and added to that residue's embedding (per residue, not per batch row as SEPIT's code does).
-
-    Residues without coordinates get no bias and no edge term. The L x L pair map is processed in chunks of
-    query rows (re-computed in backward), so memory beyond the bias itself is `chunk x L x num_kernels`.
-
-    Distances, kernels and the small pair MLP always run in fp32, whatever the model dtype: `cdist` has no
-    bf16/fp16 kernel, and bf16 coordinates of 60-100 A are off by up to 0.5 A, as wide as a kernel. Only the
-    finished bias and residue term are cast to the encoder's dtype.
-    """
-
-    def __init__(self, num_kernels: int, num_heads: int, hidden_size: int, embedding_scale: float, chunk_size: int):
-        super().__init__()
-        self.kernels = ProtLLMGaussianKernels(num_kernels)
-        self.pair_mlp = nn.Sequential(nn.Linear(num_kernels, num_kernels), nn.GELU(), nn.Linear(num_kernels, num_heads))
-        self.edge_proj = nn.Linear(num_kernels, hidden_size)
-        self.embedding_scale = embedding_scale
-        self.chunk_size = chunk_size
-        self.num_heads = num_heads
-
-    def _chunk(self, ca_rows, ca, mask_rows, mask):
-        """fp32 throughout (autocast off): `(P, c, 3)` rows against `(P, T, 3)` -> `(P, H, c, T)`, `(P, c, K)`."""
-        with torch.autocast(ca.device.type, enabled=False):
-            # Exact differences, not cdist's default |a|^2+|b|^2-2ab matrix product: that one is off by ~0.05 A at d=0
-            # for PDB-scale coordinates (|x| ~ 100 A) and by ~0.35 A after a 500 A translation (bias not translation-invariant).
-            distances = torch.cdist(ca_rows, ca, compute_mode="donot_use_mm_for_euclid_dist")  # (P, c, T)
-            pair_mask = (mask_rows.unsqueeze(-1) & mask.unsqueeze(-2)).unsqueeze(-1)  # (P, c, T, 1)
-            features = self.kernels(distances) * pair_mask  # (P, c, T, K)
-            linear_1, linear_2 = self.pair_mlp[0], self.pair_mlp[2]
-            hidden = F.gelu(F.linear(features, linear_1.weight.float(), linear_1.bias.float()))
-            bias = F.linear(hidden, linear_2.weight.float(), linear_2.bias.float()) * pair_mask  # (P, c, T, H)
-        return bias.permute(0, 3, 1, 2), features.sum(dim=2)  # (P, H, c, T), (P, c, K)
-
-    def forward(self, ca_coords: torch.Tensor, coord_mask: torch.Tensor, dtype: torch.dtype | None = None):
-        """`ca_coords` `(P, T, 3)`, `coord_mask` `(P, T)` bool -> bias `(P, H, T, T)` and residue term `(P, T, D_p)`,
-        both in `dtype` (default: the module's parameter dtype), computed in fp32."""
-        dtype = dtype or self.edge_proj.weight.dtype
-        ca_coords = ca_coords.float()
-        ca_coords = torch.where(coord_mask.unsqueeze(-1), ca_coords, torch.zeros_like(ca_coords))
-        num_proteins, num_tokens = coord_mask.shape
-        # Chunks are written (and cast) into one preallocated bias: no list + torch.cat copy of the H x T x T tensor.
-        bias = ca_coords.new_empty(num_proteins, self.num_heads, num_tokens, num_tokens, dtype=dtype)
-        edge_sums = []
-        for start in range(0, num_tokens, self.chunk_size):
-            rows = slice(start, start + self.chunk_size)
-            args = (ca_coords[:, rows], ca_coords, coord_mask[:, rows], coord_mask)
-            if torch.is_grad_enabled() and self.training:
-                chunk_bias, edge_sum = checkpoint(self._chunk, *args, use_reentrant=False)
-            else:
-                chunk_bias, edge_sum = self._chunk(*args)
-            bias[:, :, rows] = chunk_bias
-            edge_sums.append(edge_sum)
-        with torch.autocast(ca_coords.device.type, enabled=False):
-            edge_features = torch.cat(edge_sums, dim=1)  # (P, T, K) fp32
-            residue_term = F.linear(edge_features, self.edge_proj.weight.float(), self.edge_proj.bias.float())
-            residue_term = residue_term * self.embedding_scale * coord_mask.unsqueeze(-1).float()
-        return bias, residue_term.to(dtype)
-
-
 class ProtLLMProteinEncoder(nn.Module):
-    """Protein encoder: transformers `EsmModel` (default) or fair-esm `ESM2`, plus the optional structure bias.
+    """Protein encoder: transformers `EsmModel` (default) or fair-esm `ESM2`.
 
     Returns the hidden state of `config.protein_feature_layer` at residue positions (no <cls>/<eos>).
     A frozen encoder (`config.freeze_protein_encoder`) stays in eval mode whatever `.train()` says, so its
     dropout never runs, and runs without autograd.
 
     The backbone (`self.esm`) is built by `build_backbone` and run by `backbone_states`; a subclass for another
-    encoder family overrides those two (and `unused_parameter_prefixes`).
+    encoder family overrides those two (and `unused_parameter_prefixes`). `add_structure` is the hook where
+    SEPIT's structure bias joins EsmModel's input.
     """
 
     def __init__(self, config: ProtLLMConfig):
         super().__init__()
         self.config = config
-        protein_config = config.protein_config
         self.backend = config.protein_encoder_backend
-        config.route_protein_attn_implementation()  # the structure bias needs eager/sdpa, never flash
         self.esm = self.build_backbone(config)
-        self.structure_bias = None
-        if config.use_structure_bias:
-            self.structure_bias = ProtLLMStructureBias(
-                config.structure_num_kernels,
-                protein_config.num_attention_heads,
-                protein_config.hidden_size,
-                config.structure_embedding_scale,
-                config.structure_chunk_size,
-            )
         self.set_frozen(config.freeze_protein_encoder)
 
     def build_backbone(self, config: ProtLLMConfig) -> nn.Module:
@@ -211,29 +113,14 @@ class ProtLLMProteinEncoder(nn.Module):
         # transformers' output capture keeps that one hidden state instead of all num_layers + 1 of them.
         want_hidden = layer != self.num_layers
         embeddings = self.esm.embeddings(input_ids=input_ids, attention_mask=attention_mask)
-        mask = attention_mask
-        if self.structure_bias is not None and coords is not None:
-            token_ca, token_mask = self._token_level_ca(coords, coord_mask, input_ids.shape[1])
-            bias, residue_term = self.structure_bias(token_ca, token_mask, dtype=embeddings.dtype)
-            embeddings = embeddings + residue_term
-            # A prepared 4D float mask is passed through by EsmModel unchanged: padding + per-head bias.
-            padding = (1.0 - attention_mask[:, None, None, :].to(bias.dtype)) * torch.finfo(bias.dtype).min
-            mask = bias.add_(padding)  # in place: one H x T x T tensor, not two
+        embeddings, mask = self.add_structure(embeddings, attention_mask, coords, coord_mask)
         outputs = self.esm(inputs_embeds=embeddings, attention_mask=mask, output_hidden_states=[layer] if want_hidden else False)
         return outputs.hidden_states[layer] if want_hidden else outputs.last_hidden_state
 
-    @staticmethod
-    def _token_level_ca(coords, coord_mask, num_tokens):
-        """Residue-level `(P, R, 4, 3)` backbone -> token-level CA `(P, T, 3)` and mask (token t = residue t-1)."""
-        num_proteins, num_residues = coords.shape[:2]
-        residues = min(num_residues, num_tokens - 2)
-        ca = coords[:, :residues, 1]
-        mask = coord_mask[:, :residues].bool() & torch.isfinite(ca).all(dim=-1)
-        token_ca = ca.new_zeros(num_proteins, num_tokens, 3)
-        token_mask = torch.zeros(num_proteins, num_tokens, dtype=torch.bool, device=coords.device)
-        token_ca[:, 1 : 1 + residues] = torch.nan_to_num(ca)
-        token_mask[:, 1 : 1 + residues] = mask
-        return token_ca, token_mask
+    def add_structure(self, embeddings, attention_mask, coords, coord_mask):
+        """Hook: `(P, T, D_p)` token embeddings and `(P, T)` mask -> (embeddings, the attention mask EsmModel gets).
+        Here unchanged: this encoder reads sequences only."""
+        return embeddings, attention_mask
 
     def _fair_esm_forward(self, input_ids):
         layer = self._feature_layer_index()
@@ -256,4 +143,4 @@ def build_fair_esm(protein_config):
     )
 
 
-__all__ = ["ProtLLMGaussianKernels", "ProtLLMStructureBias", "ProtLLMProteinEncoder", "build_fair_esm"]
+__all__ = ["ProtLLMProteinEncoder", "build_fair_esm"]

@@ -1,14 +1,16 @@
 """ProtLLM: a protein encoder projected into a causal LLM (LLaVA-shaped; STELLA and SEPIT).
 
-    protein tokens -> encoder (ESM-2 / SaProt, optional SEPIT structure bias) -> projector
+    protein tokens -> encoder (ESM-2 / SaProt) -> projector
         -> features scattered into the LLM's input embeddings at the `<protein>` placeholders -> LLM
+
+SEPIT's structure bias and mixture-of-experts LLM (`sepit_protllm.py`) and ESM3 / ESM C encoders (`esm3_protllm.py`)
+subclass these classes in optional modules; a model folder carries one only when its model needs it.
 
 Shapes used below: P proteins in the batch, T protein tokens (residues + <cls> + <eos>, padded),
 R = T - 2 residue positions, B text rows, S text length, D_p encoder width, D LLM width.
 """
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,44 +24,21 @@ from transformers.utils.import_utils import torch_compilable_check
 
 try:
     from .configuration_protllm import ProtLLMConfig
-    from .moe_protllm import (
-        ProtLLMMoeRouting,
-        ProtLLMSparseMoeBlock,
-        checkpoint_returning_router_logits,
-        decoder_layers,
-        moe_blocks,
-        upcycle_feed_forward_blocks,
-    )
+    from .encoder_protllm import ProtLLMProteinEncoder
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
     from configuration_protllm import ProtLLMConfig
-    from moe_protllm import (
-        ProtLLMMoeRouting,
-        ProtLLMSparseMoeBlock,
-        checkpoint_returning_router_logits,
-        decoder_layers,
-        moe_blocks,
-        upcycle_feed_forward_blocks,
-    )
-try:
-    from .encoder_protllm import ProtLLMGaussianKernels, ProtLLMProteinEncoder
-except ImportError:  # top-level module
-    from encoder_protllm import ProtLLMGaussianKernels, ProtLLMProteinEncoder
+    from encoder_protllm import ProtLLMProteinEncoder
 
 
-PROTEIN_INPUT_KEYS = (
-    "protein_input_ids",
-    "protein_attention_mask",
-    "protein_coords",
-    "protein_coord_mask",
-    "protein_embeds",
-    "protein_embeds_mask",
-)
+# The model inputs indexed by protein (P, ...), not by text row.
+PROTEIN_INPUT_KEYS = ("protein_input_ids", "protein_attention_mask", "protein_coords", "protein_coord_mask",
+                      "protein_embeds", "protein_embeds_mask")
 
 
 @dataclass
 class ProtLLMModelOutputWithPast(BaseModelOutputWithPast):
     r"""
-    router_logits (`tuple(torch.FloatTensor)`, *optional*): per MoE layer, `(B * S, num_experts)`.
+    router_logits (`tuple(torch.FloatTensor)`, *optional*): per MoE layer, `(B * S, num_experts)` (MoE models only).
     protein_features (`torch.FloatTensor`, *optional*): projected protein tokens, `(num_protein_tokens, D)`.
     """
 
@@ -148,34 +127,6 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
     # `torch.compile(fullgraph=True)` and static-cache generation compile it whole.
     _can_compile_fullgraph = True
 
-    def _set_gradient_checkpointing(self, *args, **kwargs):
-        super()._set_gradient_checkpointing(*args, **kwargs)
-        # MoE decoder layers return their router logits through the checkpointed function (re-entrant safe).
-        language_model = getattr(self, "model", self).language_model
-        if not self.config.moe_num_experts:
-            return
-        for layer in decoder_layers(language_model):
-            function = layer.__dict__.get("_gradient_checkpointing_func")
-            if isinstance(layer.mlp, ProtLLMSparseMoeBlock) and function is not None and not getattr(function, "protllm_moe_wrapped", False):
-                layer._gradient_checkpointing_func = checkpoint_returning_router_logits(function, layer.mlp)
-
-    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs):
-        # With the structure bias the encoder must stay on eager/sdpa: route the request before transformers checks
-        # (and, for flash, imports) it for the encoder.
-        if self.config.use_structure_bias:
-            requested = attn_implementation if isinstance(attn_implementation, dict) else {"": attn_implementation}
-            default = requested.get("", self.config._attn_implementation)
-            for_encoder = requested.get("protein_config", default)
-            if for_encoder not in (None, "eager", "sdpa"):
-                self.config.protein_config._attn_implementation = for_encoder
-                requested = {
-                    "": default,
-                    "text_config": requested.get("text_config", default),
-                    "protein_config": self.config.route_protein_attn_implementation(),
-                }
-                attn_implementation = requested
-        return super().set_attn_implementation(attn_implementation, **kwargs)
-
     def initialize_weights(self):
         # Under DeepSpeed ZeRO-3 (`zero.Init`), the LLM that `AutoModel.from_config` builds inside `__init__` is
         # already partitioned (every rank holds empty shards) and initialised by transformers' ZeRO-3 variant, which
@@ -196,9 +147,7 @@ class ProtLLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         # Rebuild what the generic initialiser does not know (meta-device init leaves it uninitialised).
-        if isinstance(module, ProtLLMGaussianKernels):
-            module.reset_parameters()
-        elif isinstance(module, ProtLLMResampler):
+        if isinstance(module, ProtLLMResampler):
             nn.init.normal_(module.queries, std=0.02)
 
     @classmethod
@@ -250,27 +199,28 @@ def _is_tied(model, key, missing) -> bool:
 class ProtLLMModel(ProtLLMPreTrainedModel):
     """Protein encoder + projector + LLM backbone, without the LM head."""
 
-    # Another encoder family (ESM3 / ESM C) is a subclass that names its own encoder class here.
+    # A subclass for another encoder (SEPIT's structure bias, ESM3 / ESM C) names its own encoder class here.
     protein_encoder_class = ProtLLMProteinEncoder
+    # Whether this class runs SEPIT's structure bias and mixture of experts (the subclass in sepit_protllm.py does).
+    runs_sepit_extensions = False
 
     def __init__(self, config: ProtLLMConfig):
         super().__init__(config)
+        wanted = [name for name in ("use_structure_bias", "moe_num_experts") if getattr(config, name)]
+        if wanted and not self.runs_sepit_extensions:
+            raise ValueError(
+                f"{type(self).__name__} does not run {' and '.join(wanted)} (SEPIT's structure bias / mixture of "
+                "experts): use sepit_protllm.ProtLLMSepitForConditionalGeneration (a saved folder names it in its "
+                "auto_map; protllm.model_classes.causal_lm_class(config) picks it)"
+            )
         self.protein_encoder = self.protein_encoder_class(config)
         self.projector = PROJECTOR_CLASSES[config.projector_type](config)
-        self.language_model = AutoModel.from_config(config.text_config)
-        if config.moe_num_experts:
-            self._upcycle(config)
+        self.language_model = self.build_language_model(config)
         self.post_init()
 
-    def _upcycle(self, config):
-        upcycle_feed_forward_blocks(
-            self.language_model,
-            config.text_config.hidden_size,
-            config.moe_num_experts,
-            config.moe_top_k,
-            config.moe_capacity_factor,
-            config.moe_eval_capacity_factor,
-        )
+    def build_language_model(self, config: ProtLLMConfig) -> nn.Module:
+        """The LLM backbone (no LM head) of `config.text_config`; the MoE subclass upcycles its feed-forward blocks."""
+        return AutoModel.from_config(config.text_config)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -300,11 +250,6 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
         else:
             if protein_attention_mask is None:
                 protein_attention_mask = torch.ones_like(protein_input_ids)
-            if self.training and self.config.use_structure_bias and protein_coord_mask is not None and self.config.structure_dropout > 0:
-                # SEPIT's structure dropout: a protein loses its whole structure at random, so the model also learns
-                # sequence-only inputs. Decided by the ProtLLM's training mode: a frozen encoder stays in eval mode.
-                keep = torch.rand(protein_coord_mask.shape[0], 1, device=protein_coord_mask.device) >= self.config.structure_dropout
-                protein_coord_mask = protein_coord_mask.bool() & keep
             residue_states, residue_mask = self.protein_encoder(
                 protein_input_ids, protein_attention_mask, protein_coords, protein_coord_mask
             )
@@ -350,7 +295,6 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
         protein_embeds=None,
         protein_embeds_mask=None,
         use_cache=None,
-        output_router_logits=None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | ProtLLMModelOutputWithPast:
         """
@@ -381,36 +325,20 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
                 "but no protein inputs were given",
             )
 
-        routing = None
-        blocks = moe_blocks(self.language_model) if self.config.moe_num_experts else []
-        if blocks:
-            token_mask = None
-            if attention_mask is not None and attention_mask.dim() == 2:
-                # Padding takes no expert capacity; with a cache the mask also spans the past tokens.
-                token_mask = attention_mask[:, -inputs_embeds.shape[1]:].bool()
-            routing = ProtLLMMoeRouting(token_mask)
-        with _moe_routing(blocks, routing):
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                return_dict=True,  # fields are read below; `return_dict=False` is applied to our output
-                **kwargs,
-            )
-        router_logits = None
-        if routing is not None:
-            if output_router_logits is None:
-                output_router_logits = getattr(self.config.text_config, "output_router_logits", False)
-            if output_router_logits:
-                router_logits = tuple(routing.router_logits)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            return_dict=True,  # fields are read below; `return_dict=False` is applied to our output
+            **kwargs,
+        )
         return ProtLLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=router_logits,
             protein_features=protein_features,
         )
 
@@ -418,18 +346,6 @@ class ProtLLMModel(ProtLLMPreTrainedModel):
 def _is_decode_step(past_key_values) -> bool | torch.Tensor:
     """True when the cache already holds tokens (a bool, or a 0-dim bool tensor for a static cache)."""
     return past_key_values is not None and past_key_values.get_seq_length() > 0
-
-
-@contextmanager
-def _moe_routing(blocks, routing):
-    """Install one forward's routing state (token mask, router-logit list) on the MoE blocks for its duration."""
-    for block in blocks:
-        block.routing = routing
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block.routing = None
 
 
 class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
@@ -478,7 +394,6 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         protein_embeds=None,
         protein_embeds_mask=None,
         use_cache=None,
-        output_router_logits=None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple | ProtLLMCausalLMOutputWithPast:
@@ -487,9 +402,6 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         # Pre-shifted targets (sequence/context parallelism): they replace `labels` in the loss.
         shift_labels = kwargs.pop("shift_labels", None)
-        if output_router_logits is None and self.config.moe_num_experts:
-            # The balancing loss is a training loss: on by default when labels are given.
-            output_router_logits = labels is not None or getattr(self.config.text_config, "output_router_logits", False)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -503,7 +415,6 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
             protein_embeds=protein_embeds,
             protein_embeds_mask=protein_embeds_mask,
             use_cache=use_cache,
-            output_router_logits=output_router_logits,
             return_dict=True,
             **kwargs,
         )
@@ -511,23 +422,10 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        loss = aux_loss = None
+        loss = None
         if labels is not None or shift_labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
                                       num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
-        if outputs.router_logits is not None:
-            aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask)
-            if loss is not None:
-                aux_term = self.config.moe_router_aux_loss_coef * aux_loss.to(loss.device)
-                if num_items_in_batch is not None:
-                    # The LM loss is then a sum over this micro-batch divided by the label count of all micro-batches
-                    # and processes, which Trainer neither divides by the accumulation steps nor averages over the
-                    # world size. Weight the (mean) balancing loss by this micro-batch's share of those labels, so the
-                    # step optimises the label-weighted mean balancing loss instead of accumulation_steps x world_size x it.
-                    targets = shift_labels if shift_labels is not None else labels[..., 1:]
-                    local_items = (targets != -100).sum().to(loss.device)
-                    aux_term = aux_term * local_items / torch.as_tensor(num_items_in_batch, device=loss.device)
-                loss = loss + aux_term
         return ProtLLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -535,16 +433,7 @@ class ProtLLMForConditionalGeneration(ProtLLMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
-            aux_loss=aux_loss,
         )
-
-    def router_aux_loss(self, router_logits, attention_mask=None):
-        """Switch/Mixtral load-balancing loss, the same function TRL's fused SFT path applies."""
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-        if attention_mask is not None and attention_mask.numel() != router_logits[0].shape[0]:
-            attention_mask = None  # cached decoding: the router saw only the new tokens
-        return load_balancing_loss_func(router_logits, self.config.moe_num_experts, self.config.moe_top_k, attention_mask)
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, after checking the prompt fits the LLM's context (`max_position_embeddings`).
@@ -631,5 +520,4 @@ __all__ = [
     "ProtLLMPreTrainedModel",
     "ProtLLMModel",
     "ProtLLMForConditionalGeneration",
-    "ProtLLMSparseMoeBlock",
 ]

@@ -18,7 +18,7 @@ class ProtLLMMoeRouting:
 
     `token_mask` `(B, S)` bool marks the real (non-padding) tokens: padding takes no expert capacity and skips
     the experts. Each block appends its router logits `(B * S, num_experts)` to `router_logits`, in layer order.
-    `ProtLLMModel` creates one per forward; under gradient checkpointing the logits leave each recomputed layer as
+    `ProtLLMSepitModel` creates one per forward; under gradient checkpointing the logits leave each recomputed layer as
     an output of the checkpointed function (see `checkpoint_returning_router_logits`), so they keep their gradient
     even with re-entrant checkpointing.
     """
@@ -42,7 +42,7 @@ class ProtLLMSparseMoeBlock(nn.Module):
     one-at-a-time generation. A capacity factor of `None` routes every real token.
 
     The routing state of the current forward (token mask, router-logit list) is `self.routing`, installed by
-    `ProtLLMModel` for the duration of the LLM forward (and by the checkpoint wrapper during recomputation).
+    `ProtLLMSepitModel` for the duration of the LLM forward (and by the checkpoint wrapper during recomputation).
     """
 
     def __init__(self, dense_mlp: nn.Module, hidden_size: int, num_experts: int, top_k: int = 1,

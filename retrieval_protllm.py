@@ -11,7 +11,8 @@ Folder format (`retrieval/`, no pickle anywhere):
     retrieval_config.json   {"format_version": 1, "k", "max_evalue", "max_annotation_chars", "tool", "size",
                              "sources", "training": {"max_identity", "exclusion"}, ...}
     database.jsonl          one protein per line: {"id", "sequence", "annotations": {field: text}, "cluster"?}
-    README.md               the same facts for a reader
+
+The model card describes the database for a reader (`protllm.sharing.card.retrieval_section`).
 
 Search: SWORD heuristic filter + full Smith-Waterman (BLOSUM62, gap 10/1) through the pip package `pyswrd`, so
 loading a model from the Hub needs no system binary. Neighbours are ranked by E-value; `identity` is the
@@ -120,7 +121,7 @@ class RetrievalDatabase:
     # ----- files -----------------------------------------------------------------------------------------
 
     def save(self, directory) -> Path:
-        """Write `retrieval_config.json`, `database.jsonl` and `README.md` into `directory` (created)."""
+        """Write `retrieval_config.json` and `database.jsonl` into `directory` (created)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / DATABASE_FILE, "w") as handle:
@@ -128,7 +129,6 @@ class RetrievalDatabase:
                 handle.write(json.dumps(entry, sort_keys=True) + "\n")
         config = {**self.config, "size": len(self), "fields": self.field_counts()}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-        (directory / "README.md").write_text(self.describe(config))
         return directory
 
     @classmethod
@@ -172,24 +172,6 @@ class RetrievalDatabase:
             for field in entry.get("annotations") or {}:
                 counts[field] = counts.get(field, 0) + 1
         return dict(sorted(counts.items()))
-
-    def describe(self, config: dict | None = None) -> str:
-        config = config or {**self.config, "size": len(self), "fields": self.field_counts()}
-        training = config.get("training") or {}
-        lines = [
-            "# Retrieval database", "",
-            f"- Proteins: {config['size']}; annotations per field: "
-            + (", ".join(f"{k} {v}" for k, v in config["fields"].items()) or "none"),
-            f"- Sources: {', '.join(config.get('sources') or ['not recorded'])}",
-            f"- Search: {config['tool']}; top {config['k']} neighbours with E-value <= {config['max_evalue']}",
-        ]
-        if training:
-            lines.append(f"- Training: neighbours of each training protein were searched excluding the protein itself "
-                         f"({training.get('exclusion', 'leave-one-out')}) and every neighbour above "
-                         f"{training.get('max_identity')} identity")
-        lines += ["", "Files: `database.jsonl` (one protein per line: id, sequence, annotations, optional cluster), "
-                  "`retrieval_config.json` (these settings). Plain JSON, no pickle.", ""]
-        return "\n".join(lines)
 
     # ----- search ----------------------------------------------------------------------------------------
 

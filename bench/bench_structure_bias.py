@@ -72,13 +72,13 @@ def one(length: int, chunk: int | None, train: bool, repeats: int, data: Path) -
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
     from configuration_protllm import ProtLLMConfig
-    from encoder_protllm import ProtLLMProteinEncoder
+    from sepit_protllm import ProtLLMSepitProteinEncoder
 
     config = ProtLLMConfig(protein_config=dict(ESM2_8M), text_config=dict(TINY_LLM), use_structure_bias=chunk is not None,
                            structure_num_kernels=NUM_KERNELS, structure_chunk_size=chunk or 256,
                            freeze_protein_encoder=not train, structure_dropout=0.0, max_protein_length=length)
     torch.manual_seed(0)
-    encoder = ProtLLMProteinEncoder(config)
+    encoder = ProtLLMSepitProteinEncoder(config)
     encoder.train(train)
     tokens = length + 2
     ids = torch.randint(4, 24, (1, tokens))

@@ -12,10 +12,13 @@ import torch
 from torch import nn
 
 from configuration_protllm import ProtLLMConfig
-from moe_protllm import moe_blocks
+from modeling_protllm import ProtLLMForConditionalGeneration
+from moe_protllm import moe_blocks, upcycle_feed_forward_blocks
+from sepit_protllm import ProtLLMSepitForConditionalGeneration, ProtLLMSepitModel, mirror_moe_settings_to_text_config
 
 from .model_classes import causal_lm_class, processor_class
 from .parameter_groups import numel, parameter_counts, protllm_core
+from .processors import build_processor
 
 logger = logging.getLogger("protllm.building")
 
@@ -132,7 +135,8 @@ def build_protllm(
         protein_tokenizer = AutoTokenizer.from_pretrained(protein_encoder)
 
     processor_kwargs = {"protein_encoder_input": encoder_input, **(processor_kwargs or {})}
-    processor = processor_class(config_kwargs).from_tokenizers(tokenizer, protein_tokenizer, **processor_kwargs)
+    processor = build_processor(tokenizer, protein_tokenizer, processor_class=processor_class(config_kwargs),
+                                **processor_kwargs)
     if len(processor.tokenizer) > llm.config.vocab_size:
         # Whole tensors even under ZeRO-3 (see _built_whole_under_zero3); transformers' resize gathers them otherwise.
         llm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
@@ -168,7 +172,7 @@ def build_protllm(
     else:  # a random encoder: built for real, initialised as EsmModel initialises itself
         with torch.device("cpu"):
             core.protein_encoder = type(core.protein_encoder)(config)
-        if core.protein_encoder.structure_bias is not None:  # initialised as the rest of the ProtLLM's new modules
+        if getattr(core.protein_encoder, "structure_bias", None) is not None:  # initialised as the ProtLLM's new modules
             core.protein_encoder.structure_bias.apply(model._init_weights)
     model.tie_weights()
     new_modules = _materialize_meta_modules(model)
@@ -278,20 +282,32 @@ def upcycle_to_moe(model, num_experts: int = 4, top_k: int = 1, capacity_factor:
     routers do not depend on what used the global RNG before (a resumed run loads the earlier stages instead of
     training them; each rank of a distributed run must build the same routers). None: the global RNG.
     Under DeepSpeed ZeRO-3 the dense blocks are gathered while they are copied into experts.
-    Returns `model` (converted in place).
+    Returns `model` (converted in place): a core `ProtLLMForConditionalGeneration` becomes the SEPIT class (its
+    `auto_map` class when saved), which runs the experts; its weights, optimiser-visible parameters and any
+    distributed partitioning stay those of the same objects.
     """
     config = model.config
     if config.moe_num_experts:
         raise ValueError("this ProtLLM is already a mixture of experts")
+    if type(model) not in (ProtLLMForConditionalGeneration, ProtLLMSepitForConditionalGeneration):
+        raise ValueError(f"upcycle_to_moe converts an ESM-2 ProtLLM (ProtLLMForConditionalGeneration or the SEPIT "
+                         f"class); {type(model).__name__} stays dense")
     config.moe_num_experts = num_experts
     config.moe_top_k = top_k
     config.moe_capacity_factor = capacity_factor
     config.moe_eval_capacity_factor = eval_capacity_factor
     config.moe_router_aux_loss_coef = router_aux_loss_coef
     config.validate()
-    config._mirror_moe_settings_to_text_config()
+    mirror_moe_settings_to_text_config(config)
     with _gathered_under_zero3(list(model.model.language_model.parameters())):
-        model.model._upcycle(config)  # deep copies of the (whole, not partitioned) dense blocks
+        # deep copies of the (whole, not partitioned) dense blocks
+        upcycle_feed_forward_blocks(model.model.language_model, config.text_config.hidden_size, num_experts, top_k,
+                                    capacity_factor, eval_capacity_factor)
+    if not isinstance(model, ProtLLMSepitForConditionalGeneration):
+        # The same objects under the subclasses that run the experts (they add methods, no state): the model may
+        # already be registered with a trainer, an optimiser or a ZeRO-3 engine, so it is not rebuilt.
+        model.__class__ = ProtLLMSepitForConditionalGeneration
+        model.model.__class__ = ProtLLMSepitModel
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     std = config.text_config.initializer_range
     for index, block in enumerate(moe_blocks(model)):

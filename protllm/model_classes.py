@@ -2,9 +2,11 @@
 
 A model folder carries only the remote code its model uses. transformers copies (on save) and fetches (on load)
 exactly the module its `auto_map` names plus the modules that one imports (`from .x import ...`), so the core files
-(configuration, modeling, encoder, MoE, processing, retrieval, collator) never import an optional one; an optional
-module subclasses the core classes, and a folder's `auto_map` names the subclass its model needs:
+(configuration, modeling, encoder, processing, retrieval) never import an optional one; an optional module
+subclasses the core classes, and a folder's `auto_map` names the subclass its model needs:
 
+- `sepit_protllm.py` (SEPIT's structure bias and / or mixture-of-experts LLM; it imports `moe_protllm.py`):
+  `ProtLLMSepitForConditionalGeneration`;
 - `esm3_protllm.py` (ESM3 / ESM C encoders): `ProtLLMEvolutionaryScaleForConditionalGeneration`;
 - `structure_processing_protllm.py` (structure files, 3Di / SaProt tokens; it imports `structure_protllm.py`,
   `structure_files_protllm.py` and `saprot_protllm.py`): `ProtLLMStructureProcessor`.
@@ -20,6 +22,7 @@ from configuration_protllm import EVOLUTIONARYSCALE_BACKENDS, ProtLLMConfig
 from esm3_protllm import ProtLLMEvolutionaryScaleForConditionalGeneration
 from modeling_protllm import ProtLLMForConditionalGeneration
 from processing_protllm import ProtLLMProcessor
+from sepit_protllm import ProtLLMSepitForConditionalGeneration
 from structure_processing_protllm import ProtLLMStructureProcessor
 
 __all__ = ["causal_lm_class", "messages_for", "processor_class", "reads_structures", "sequence_only_messages"]
@@ -29,6 +32,8 @@ def causal_lm_class(config: ProtLLMConfig) -> type[ProtLLMForConditionalGenerati
     """The `ProtLLMForConditionalGeneration` class (core, or an optional module's subclass) that `config` needs."""
     if config.protein_encoder_backend in EVOLUTIONARYSCALE_BACKENDS:
         return ProtLLMEvolutionaryScaleForConditionalGeneration
+    if config.use_structure_bias or config.moe_num_experts:
+        return ProtLLMSepitForConditionalGeneration
     return ProtLLMForConditionalGeneration
 
 

@@ -15,21 +15,22 @@ import json
 import re
 from pathlib import Path
 
-# The remote code every folder carries: the model, its processor and what they import (collator, retrieval, MoE).
+# The remote code every folder carries: the model, its processor and what they import (the retrieval database).
 CORE_CODE_FILES = (
-    "collator_protllm.py",
     "configuration_protllm.py",
     "encoder_protllm.py",
     "modeling_protllm.py",
-    "moe_protllm.py",
     "processing_protllm.py",
     "retrieval_protllm.py",
 )
 # Modules only some models need. Each subclasses core classes, and a folder whose auto_map names that subclass
-# carries the module (and what it imports): ESM3 / ESM C encoders; the processor that reads structure files.
+# carries the module (and what it imports): SEPIT's structure bias and mixture of experts; ESM3 / ESM C encoders;
+# the processor that reads structure files.
 OPTIONAL_CODE_FILES = (
     "esm3_protllm.py",
+    "moe_protllm.py",
     "saprot_protllm.py",
+    "sepit_protllm.py",
     "structure_files_protllm.py",
     "structure_processing_protllm.py",
     "structure_protllm.py",

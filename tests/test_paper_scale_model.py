@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from configuration_protllm import ProtLLMConfig
 from fresh_process import run_fresh_python
-from encoder_protllm import ProtLLMStructureBias
+from sepit_protllm import ProtLLMStructureBias
 from protllm.model_folder import save_model_folder
 from protllm.testing import build_tiny_protllm, tiny_protein_config
 

@@ -23,7 +23,7 @@ from conftest import yeast_function_rows
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REMOTE_CODE_MODULES = ("configuration_protllm", "modeling_protllm", "moe_protllm", "processing_protllm",
+REMOTE_CODE_MODULES = ("configuration_protllm", "modeling_protllm", "moe_protllm", "sepit_protllm", "processing_protllm",
                        "structure_protllm", "pipeline_protllm")
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "MDLVNHLTDRLLFAIPKKGRLYSKSVS", "MSTNPKPQRKTKRNTNRRPQDVKFPGG",
              "MAHHHHHHVDDDDK", "MGSSHHHHHHSSGLVPRGSH", "MKVLAAGIVGLLLAQ", "MSDKIIHLTDDSFDTDVLK",
@@ -469,7 +469,8 @@ def _edit_config(folder: Path, target: Path, edit) -> Path:
 CONFIG_EDITS = {  # change -> (edit, who catches it)
     "more_llm_layers": (lambda c: c["text_config"].update(num_hidden_layers=3), "ours"),  # missing keys
     "fewer_llm_layers": (lambda c: c["text_config"].update(num_hidden_layers=1), "ours"),  # unexpected keys
-    "structure_bias_on": (lambda c: c.update(use_structure_bias=True), "ours"),  # missing keys
+    # The core classes refuse a config that asks for SEPIT's structure bias: it lives in the optional sepit module.
+    "structure_bias_on": (lambda c: c.update(use_structure_bias=True), "class"),
     "fewer_encoder_layers": (lambda c: c["protein_config"].update(num_hidden_layers=1), "transformers"),  # contact head size
     "wider_encoder": (lambda c: c["protein_config"].update(intermediate_size=128), "transformers"),  # size mismatch
 }
@@ -487,6 +488,8 @@ def test_config_that_disagrees_with_weights_fails_clearly(tmp_path, tiny_folder,
     if catcher == "ours":  # transformers alone only warns and returns a partly random model
         assert isinstance(caught.value, ValueError) and message.startswith(f"{folder}: the weights do not match config.json")
         assert "Refusing a partial load" in message and "model." in message  # names the offending tensors
+    elif catcher == "class":
+        assert isinstance(caught.value, ValueError) and "use_structure_bias" in message and "sepit_protllm" in message
     else:
         assert "ignore_mismatched_sizes" in message or "size mismatch" in message, message
 

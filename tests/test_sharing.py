@@ -1,5 +1,6 @@
 """Sharing: model cards, Hub pushes (HfApi patched), clean loads in a fresh process, LoRA adapters, bad input."""
 
+import ast
 import json
 import re
 import shutil
@@ -121,6 +122,30 @@ def test_push_uploads_weights_config_processor_code_and_card(shared):
         "processing_protllm.ProtLLMProcessor"
 
 
+def test_uploaded_remote_code_is_the_model_only(shared):
+    """Issue 12: the code a released sequence model uploads (pipeline included) stays under 2,000 lines and holds
+    no builder, converter or training code; the SEPIT and ESM3 modules are not part of it."""
+    folder, uploaded = shared
+    code = {name: (folder / name).read_text() for name in uploaded["files"] if name.endswith(".py")}
+    assert set(code) == {*CORE_CODE_FILES, "pipeline_protllm.py"}, sorted(code)
+    lines = sum(len(text.splitlines()) for text in code.values())
+    assert lines < 2000, f"{lines} lines of remote code"
+    # What the code defines and imports, not what its docstrings mention.
+    defined, imported = set(), set()
+    for text in code.values():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    tooling = [name for name in defined if re.search(r"collator|upcycl|from_tokenizers|build_processor|fair_esm_weights|"
+                                                       r"from_pretrained_components|parameter_counts|trainer", name, re.I)]
+    assert tooling == [], tooling
+    assert imported.isdisjoint({"protllm", "trl", "peft", "datasets", "accelerate", "deepspeed"}), imported
+
+
 def test_card_metadata_and_sections(shared):
     folder, _ = shared
     card = ModelCard.load(folder / "README.md")
@@ -223,7 +248,7 @@ def copy_of(shared, tmp_path):
 
 @pytest.mark.parametrize("remove, named", [
     ("modeling_protllm.py", "remote-code file modeling_protllm.py"),
-    ("moe_protllm.py", "remote-code file moe_protllm.py"),
+    ("encoder_protllm.py", "remote-code file encoder_protllm.py"),
     ("pipeline_protllm.py", "remote-code file pipeline_protllm.py"),
     ("model.safetensors", "weights: no *.safetensors file"),
     ("protein_tokenizer/vocab.txt", "processor file protein_tokenizer/vocab.txt"),

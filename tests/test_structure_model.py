@@ -19,7 +19,7 @@ import saprot_protllm as saprot
 import structure_protllm as sp
 from fresh_process import run_fresh_python
 from protllm.model_folder import save_model_folder
-from encoder_protllm import ProtLLMStructureBias
+from sepit_protllm import ProtLLMStructureBias
 from processing_protllm import ProteinInputError
 from protllm.testing import build_tiny_protllm, tiny_protein_config
 
