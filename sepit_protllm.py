@@ -24,9 +24,16 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils.generic import can_return_tuple
 
 try:
-    from .configuration_protllm import STRUCTURE_BIAS_ATTN_IMPLEMENTATIONS, ProtLLMConfig
+    from .configuration_protllm import (
+        STRUCTURE_BIAS_ATTN_IMPLEMENTATIONS,
+        ProtLLMConfig,
+    )
     from .encoder_protllm import ProtLLMProteinEncoder
-    from .modeling_protllm import ProtLLMForConditionalGeneration, ProtLLMModel, ProtLLMPreTrainedModel
+    from .modeling_protllm import (
+        ProtLLMForConditionalGeneration,
+        ProtLLMModel,
+        ProtLLMPreTrainedModel,
+    )
     from .moe_protllm import (
         ProtLLMMoeRouting,
         ProtLLMSparseMoeBlock,
@@ -38,7 +45,11 @@ try:
 except ImportError:  # loaded as a top-level module (repository checkout, not remote code)
     from configuration_protllm import STRUCTURE_BIAS_ATTN_IMPLEMENTATIONS, ProtLLMConfig
     from encoder_protllm import ProtLLMProteinEncoder
-    from modeling_protllm import ProtLLMForConditionalGeneration, ProtLLMModel, ProtLLMPreTrainedModel
+    from modeling_protllm import (
+        ProtLLMForConditionalGeneration,
+        ProtLLMModel,
+        ProtLLMPreTrainedModel,
+    )
     from moe_protllm import (
         ProtLLMMoeRouting,
         ProtLLMSparseMoeBlock,
@@ -344,7 +355,9 @@ class ProtLLMSepitForConditionalGeneration(ProtLLMSepitPreTrainedModel, ProtLLMF
 
     def router_aux_loss(self, router_logits, attention_mask=None):
         """Switch/Mixtral load-balancing loss, the same function TRL's fused SFT path applies."""
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+        from transformers.models.mixtral.modeling_mixtral import (
+            load_balancing_loss_func,
+        )
 
         if attention_mask is not None and attention_mask.numel() != router_logits[0].shape[0]:
             attention_mask = None  # cached decoding: the router saw only the new tokens

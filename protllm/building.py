@@ -14,7 +14,11 @@ from torch import nn
 from configuration_protllm import ProtLLMConfig
 from modeling_protllm import ProtLLMForConditionalGeneration
 from moe_protllm import moe_blocks, upcycle_feed_forward_blocks
-from sepit_protllm import ProtLLMSepitForConditionalGeneration, ProtLLMSepitModel, mirror_moe_settings_to_text_config
+from sepit_protllm import (
+    ProtLLMSepitForConditionalGeneration,
+    ProtLLMSepitModel,
+    mirror_moe_settings_to_text_config,
+)
 
 from .model_classes import causal_lm_class, processor_class
 from .parameter_groups import numel, parameter_counts, protllm_core

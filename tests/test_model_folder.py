@@ -198,7 +198,8 @@ _SAVE_WITH_PREVIOUS_LAYOUT = textwrap.dedent(
     from protllm.testing import build_tiny_protllm
 
     folder, messages = sys.argv[1], json.loads(sys.argv[2])
-    model, processor = build_tiny_protllm("llama", seed=3, use_structure_bias=True)
+    model, processor = build_tiny_protllm("llama", seed=3, use_structure_bias=True, moe_num_experts=2, moe_top_k=1)
+    model.eval()
     save_model_folder(model, processor, folder)
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
@@ -210,9 +211,10 @@ _SAVE_WITH_PREVIOUS_LAYOUT = textwrap.dedent(
 
 
 def test_a_folder_saved_with_the_previous_layout_loads_and_gives_the_same_logits(tmp_path, csa):
-    """A SEPIT-style folder (structure bias) saved by the code of PREVIOUS_LAYOUT, which carried every remote-code
-    file and named the core processor: our tooling loads it with the structure processor its model needs, the same
-    inputs from the same structure file, and bit-identical logits; re-saved, it carries only what that model uses."""
+    """A SEPIT folder (structure bias + mixture of experts) saved by the code of PREVIOUS_LAYOUT, which carried every
+    remote-code file, named the core model and processor classes and ran SEPIT in the core ones: our tooling loads it
+    with the SEPIT model class and the structure processor its model needs, the same inputs from the same structure
+    file, and bit-identical logits; re-saved, it carries only what that model uses and names the SEPIT classes."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS_LAYOUT], capture_output=True)
     if archive.returncode != 0:
         pytest.skip(f"git history with {PREVIOUS_LAYOUT} is not available: {archive.stderr.decode()[:200]}")
@@ -235,6 +237,7 @@ def test_a_folder_saved_with_the_previous_layout_loads_and_gives_the_same_logits
     expected = load_file(folder / "expected.safetensors")
     model, processor = load_model_folder(folder)
     assert type(processor).__name__ == "ProtLLMStructureProcessor"
+    assert type(model).__name__ == "ProtLLMSepitForConditionalGeneration" and model.config.moe_num_experts == 2
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     assert sorted(inputs) == sorted(k for k in expected if k != "logits")
@@ -246,4 +249,7 @@ def test_a_folder_saved_with_the_previous_layout_loads_and_gives_the_same_logits
     resaved = tmp_path / "saved_again"
     save_model_folder(model, processor, resaved)
     assert not (resaved / "esm3_protllm.py").exists() and (resaved / "structure_processing_protllm.py").is_file()
+    assert (resaved / "sepit_protllm.py").is_file() and (resaved / "moe_protllm.py").is_file()
+    assert json.loads((resaved / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "sepit_protllm.ProtLLMSepitForConditionalGeneration"
     assert '"structure_processing_protllm.ProtLLMStructureProcessor"' in (resaved / "processor_config.json").read_text()
