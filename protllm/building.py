@@ -286,9 +286,9 @@ def upcycle_to_moe(model, num_experts: int = 4, top_k: int = 1, capacity_factor:
     routers do not depend on what used the global RNG before (a resumed run loads the earlier stages instead of
     training them; each rank of a distributed run must build the same routers). None: the global RNG.
     Under DeepSpeed ZeRO-3 the dense blocks are gathered while they are copied into experts.
-    Returns `model` (converted in place): a core `ProtLLMForConditionalGeneration` becomes the SEPIT class (its
-    `auto_map` class when saved), which runs the experts; its weights, optimiser-visible parameters and any
-    distributed partitioning stay those of the same objects.
+    Returns `model` (converted in place): a core `ProtLLMForConditionalGeneration` becomes the SEPIT class, which runs
+    the experts and is the `auto_map` class of the folder it is saved to. Every parameter the dense model had stays
+    the same object; the experts and routers are new.
     """
     config = model.config
     if config.moe_num_experts:
