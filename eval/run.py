@@ -84,6 +84,22 @@ def _first_sequence(ex):
     return ex["proteins"][0]["sequence"] if ex["proteins"] and ex["proteins"][0].get("sequence") else None
 
 
+def _identity_bins(exs, train_examples, task, threads, sensitivity, retrieval_search) -> tuple[dict, str]:
+    """({test id: max identity to any training protein of `task`, None when the search finds none}, the tool), by
+    the retrieval baseline's search: MMseqs2 misses most homologs below 30% identity, which would put them in "no
+    hit". Sequences are read as the baseline reads them (`baselines._first_seq`), so both ask for the same search."""
+    from .baselines import _first_seq, _search, search_tool
+
+    queries = {e["id"]: s for e in exs if (s := _first_seq(e))}
+    targets = {e["id"]: s for e in train_examples if e["task"] == task and (s := _first_seq(e))}
+    tool = search_tool(retrieval_search, len(targets))
+    best: dict[str, float | None] = dict.fromkeys(queries)
+    for hit in _search(queries, targets, threads, sensitivity, tool) if queries and targets else []:
+        if hit["target"] != hit["query"] and (best[hit["query"]] is None or hit["identity"] > best[hit["query"]]):
+            best[hit["query"]] = hit["identity"]
+    return best, tool
+
+
 def run_evaluation(
     data,
     predictors: list[str],
@@ -222,23 +238,8 @@ def run_evaluation(
     for ex in examples:
         by_task.setdefault(ex["task"], []).append(ex)
 
-    identities: dict[str, dict] = {}
+    identities: dict[str, dict] = {}  # task -> {test id: max identity to its training proteins, None: no hit}
     identity_tools: dict[str, str] = {}
-    if train_examples and identity:
-        from .baselines import _search, search_tool
-
-        for name, exs in by_task.items():
-            q = {e["id"]: s for e in exs if (s := _first_sequence(e))}
-            t = {e["id"]: s for e in train_examples if e["task"] == name and (s := _first_sequence(e))}
-            best: dict[str, float | None] = {k: None for k in q}
-            # The retrieval baseline's search: MMseqs2 misses most homologs below 30% identity, which would put
-            # them in the "no hit" bin.
-            identity_tools[name] = search_tool(retrieval_search, len(t))
-            for h in _search(q, t, threads, sensitivity, identity_tools[name]) if q and t else []:
-                if h["target"] != h["query"] and (best[h["query"]] is None or h["identity"] > best[h["query"]]):
-                    best[h["query"]] = h["identity"]
-            identities[name] = best
-
     runs = []  # (predictor, batch size)
     names_seen: set = set()
     for spec in predictors:
@@ -291,6 +292,11 @@ def run_evaluation(
     results: dict = {}
     predictions: dict = {}
     for name, exs in by_task.items():
+        if train_examples and identity:
+            # Computed task by task, right before the predictors: the retrieval baseline then reuses this search
+            # (baselines._search keeps the last one) instead of repeating it.
+            identities[name], identity_tools[name] = _identity_bins(exs, train_examples, name, threads, sensitivity,
+                                                                    retrieval_search)
         results[name] = {"predictors": {}}
         predictions[name] = {}
         scorers = {}  # predictor name -> its TaskScorer on this task's rows (scores, and pairs of them)
