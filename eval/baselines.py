@@ -204,12 +204,12 @@ class Retrieval:
         from data.mmseqs import mmseqs_version
 
         tools = {task: search_tool(self.search, len(targets)) for task, targets in self.train.items()}
-        mmseqs = "mmseqs2" in tools.values()
-        return {"tool": "mmseqs easy-search" if set(tools.values()) == {"mmseqs2"} else "by task",
+        used = set(tools.values())
+        return {"tool": "mmseqs easy-search" if used == {"mmseqs2"} else "by task",
                 "search": self.search, "tool_by_task": tools,
-                "smith_waterman": None if not set(tools.values()) - {"mmseqs2"} else
-                f"pyswrd exhaustive, BLOSUM62 gap 10/1, E <= {SMITH_WATERMAN_MAX_EVALUE}, rank by score",
-                "mmseqs_version": mmseqs_version() if mmseqs else None, "sensitivity": self.sensitivity,
+                "smith_waterman": f"pyswrd exhaustive, BLOSUM62 gap 10/1, E <= {SMITH_WATERMAN_MAX_EVALUE}, rank by score"
+                if "smith-waterman" in used else None,
+                "mmseqs_version": mmseqs_version() if "mmseqs2" in used else None, "sensitivity": self.sensitivity,
                 "rank": "best bit score", "fallback": "most_common", "exclude_same_id": self.exclude_same_id,
                 "combine": self.combine, "k": self.k, "weight": "identity (EC: bit score)", "ec_share": self.share,
                 "ec_min_bits": self.ec_min_bits, "text_combine": self.text_combine}
