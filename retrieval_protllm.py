@@ -17,11 +17,19 @@ The model card describes the database for a reader (`protllm.sharing.card.retrie
 Search: SWORD heuristic filter + full Smith-Waterman (BLOSUM62, gap 10/1) through the pip package `pyswrd`, so
 loading a model from the Hub needs no system binary. Neighbours are ranked by E-value; `identity` is the
 identity over the aligned region (pyopal's `FullResult.identity()`), `coverage` the aligned fraction of the query.
+
+Fallback (`"fallback": "composition"` in the config): a protein with no homolog (nothing at `max_evalue`) gets its
+`k` nearest database proteins by amino-acid + dipeptide composition (cosine similarity of 420 frequencies),
+marked `"method": "composition"` and rendered as such. Below the twilight zone of alignment, composition still
+separates protein classes (membrane, ribosomal, secreted, disordered); on the demo's test proteins (<=30% identity
+to training, most with no homolog) it raised copied-answer ROUGE-L on reactions from 0.199 to 0.273 (eval/README.md).
 """
 
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 try:
     import pyswrd
@@ -38,6 +46,10 @@ FORMAT_VERSION = 1
 FIELD_LABELS = {"protein_name": "name", "ec_number": "EC", "keywords": "keywords", "go": "GO", "reaction": "reaction",
                 "function_text": "function"}
 NO_NEIGHBOURS_TEXT = "Similar proteins in the database: none found."
+FALLBACKS = (None, "composition")
+COMPOSITION_TEXT = "no homolog, similar composition"
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+_AMINO_ACID_INDEX = {a: i for i, a in enumerate(AMINO_ACIDS)}
 
 
 class RetrievalError(ValueError):
@@ -48,7 +60,10 @@ def _format_neighbour(neighbour: dict, max_annotation_chars: int) -> str:
     # One line per neighbour, short fields first and no list numbers or E-values: a small LLM copies an EC number
     # or a name from this line, and "1." or "E=5e-14" next to it were copied into its answers.
     identity = neighbour.get("identity")
-    facts = [f"{100 * float(identity):.0f}% identity" if identity is not None else "similar protein"]
+    if neighbour.get("method") == "composition":
+        facts = [COMPOSITION_TEXT]
+    else:
+        facts = [f"{100 * float(identity):.0f}% identity" if identity is not None else "similar protein"]
     annotations = neighbour.get("annotations") or {}
     ordered = [field for field in FIELD_LABELS if field in annotations] + [f for f in annotations if f not in FIELD_LABELS]
     for field in ordered:
@@ -87,13 +102,26 @@ def render_block(block: dict) -> str:
     return render_neighbours(block.get("neighbours") or [])
 
 
+def composition_profiles(sequences: list[str]) -> np.ndarray:
+    """Unit-length amino-acid + dipeptide frequency vectors, `(N, 420)` float32 (letters outside the 20 are skipped)."""
+    profiles = np.zeros((len(sequences), 420), dtype=np.float32)
+    for row, sequence in enumerate(sequences):
+        ids = np.array([_AMINO_ACID_INDEX[a] for a in str(sequence).upper() if a in _AMINO_ACID_INDEX], dtype=np.int64)
+        if len(ids):
+            profiles[row, :20] = np.bincount(ids, minlength=20) / len(ids)
+        if len(ids) > 1:
+            profiles[row, 20:] = np.bincount(20 * ids[:-1] + ids[1:], minlength=400) / (len(ids) - 1)
+    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+    return profiles / np.maximum(norms, 1e-12)
+
+
 class RetrievalDatabase:
-    """Known proteins with annotations, searched by homology.
+    """Known proteins with annotations, searched by homology (and, optionally, by composition when none is found).
 
     Args:
         entries: dicts `{"id", "sequence", "annotations": {field: text}}` (+ optional `cluster`, `source`); ids unique.
-        config: search and rendering settings (`k`, `max_evalue`, `max_annotation_chars`, `threads`) and facts for
-            the card (`sources`, `training`), saved to `retrieval_config.json`.
+        config: search and rendering settings (`k`, `max_evalue`, `max_annotation_chars`, `threads`, `fallback`) and
+            facts for the card (`sources`, `training`), saved to `retrieval_config.json`.
     """
 
     def __init__(self, entries: list[dict], config: dict | None = None):
@@ -106,8 +134,11 @@ class RetrievalDatabase:
             if entry["id"] in seen:
                 raise RetrievalError(f"database entry {index}: duplicate id {entry['id']!r}")
             seen.add(entry["id"])
+        if self.config.get("fallback") not in FALLBACKS:
+            raise RetrievalError(f"retrieval config: fallback must be one of {FALLBACKS}, got {self.config['fallback']!r}")
         self.entries = list(entries)
         self._targets = None
+        self._profiles = None  # composition profiles of the entries, computed on the first fallback
         # Search results per (query, settings): an exhaustive Smith-Waterman search costs ~0.1-0.3 s of CPU per query
         # on a few thousand proteins, and evaluation asks again for the same proteins (the shuffled control).
         self._found: dict[tuple, list[dict]] = {}
@@ -175,8 +206,44 @@ class RetrievalDatabase:
 
     # ----- search ----------------------------------------------------------------------------------------
 
+    def find(self, sequences: list[str], k: int | None = None) -> list[list[dict]]:
+        """What the prompt shows: `search`, then `composition_neighbours` for queries with no homolog when the config
+        has `"fallback": "composition"`. Returns `Q` lists of neighbours (see those two methods)."""
+        found = self.search(sequences, k=k)
+        if self.config.get("fallback") == "composition":
+            empty = [i for i, neighbours in enumerate(found) if not neighbours]
+            for i, neighbours in zip(empty, self.composition_neighbours([sequences[i] for i in empty], k=k)):
+                found[i] = neighbours
+        return found
+
+    def composition_neighbours(self, sequences: list[str], k: int | None = None, exclude=None) -> list[list[dict]]:
+        """Top-`k` database proteins by composition similarity (cosine of `composition_profiles`), best first.
+
+        Args:
+            sequences: `Q` protein sequences.
+            exclude: optional, per query, a collection of database ids never returned.
+        Returns: `Q` lists of `{"id", "method": "composition", "similarity", "annotations"}`.
+        """
+        k = self.config["k"] if k is None else k
+        if not sequences or not self.entries or k <= 0:
+            return [[] for _ in sequences]
+        if self._profiles is None:
+            self._profiles = composition_profiles([entry["sequence"] for entry in self.entries])
+        similarity = composition_profiles(sequences) @ self._profiles.T  # (Q, N)
+        index = {entry["id"]: i for i, entry in enumerate(self.entries)}
+        results = []
+        for q in range(len(sequences)):
+            row = similarity[q].copy()
+            for excluded in (exclude[q] if exclude is not None else ()):
+                if excluded in index:
+                    row[index[excluded]] = -np.inf
+            top = [int(i) for i in np.argsort(-row, kind="stable")[:k] if np.isfinite(row[i])]
+            results.append([{"id": self.entries[i]["id"], "method": "composition", "similarity": round(float(row[i]), 4),
+                             "annotations": dict(self.entries[i].get("annotations") or {})} for i in top])
+        return results
+
     def search(self, sequences: list[str], k: int | None = None, threads: int | None = None) -> list[list[dict]]:
-        """Top-`k` neighbours of each query sequence (E-value <= `max_evalue`), best E-value first.
+        """Top-`k` homologs of each query sequence (Smith-Waterman E-value <= `max_evalue`), best E-value first.
 
         Args:
             sequences: `Q` protein sequences.
@@ -239,7 +306,7 @@ class RetrievalDatabase:
                         todo.append((c, m, b, block["sequence"]))
         if not todo:
             return conversations
-        found = self.search([item[3] for item in todo])
+        found = self.find([item[3] for item in todo])
         out = [[dict(message) for message in messages] for messages in conversations]
         inserts: dict[tuple[int, int], dict[int, dict]] = {}
         for (c, m, b, _), neighbours in zip(todo, found):
@@ -254,5 +321,5 @@ class RetrievalDatabase:
         return out
 
 
-__all__ = ["RetrievalDatabase", "RetrievalError", "render_neighbours", "render_block", "NO_NEIGHBOURS_TEXT",
-           "DATABASE_DIR"]
+__all__ = ["RetrievalDatabase", "RetrievalError", "render_neighbours", "render_block", "composition_profiles",
+           "NO_NEIGHBOURS_TEXT", "DATABASE_DIR"]

@@ -16,7 +16,8 @@ Examples::
 Predictors: a model folder (ProtLLM contract; it uses its own retrieval database when it has one),
 ``most_common``, ``retrieval`` (MMseqs2 top-k neighbours in ``--train``, ``-s 7.5``, combined: EC vote abstaining
 to the family level, GO scored terms), ``retrieval_top1`` (the top hit's answer; for both a no-hit predicts the
-most-common answer and is counted) or ``file:PRED.jsonl`` (score existing predictions ``{"id","prediction"}``).
+most-common answer and is counted), ``retrieval_composition`` / ``retrieval_top1_composition`` (a no-hit copies the
+training protein closest in amino-acid + dipeptide composition) or ``file:PRED.jsonl`` (score existing predictions ``{"id","prediction"}``).
 torch/transformers are imported only when a model folder is evaluated. A thin wrapper over
 :func:`eval.run.run_evaluation`, which scripts call directly.
 """
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--split temporal train set (default ../shared/data/ec/clean_split10.jsonl)")
     ap.add_argument("--predictor", action="append", required=True,
                     help="model folder | most_common | retrieval (top-k neighbours combined) | retrieval_top1 (top hit) | "
+                         "retrieval_composition / retrieval_top1_composition (no hit: closest composition) | "
                          "file:PRED.jsonl (repeatable)")
     ap.add_argument("--retrieval_k", type=int, default=10, help="neighbours the retrieval predictor combines")
     ap.add_argument("--retrieval_text", choices=["top1", "medoid"], default="top1",

@@ -7,7 +7,9 @@
   MMseqs2 (``data.mmseqs.easy_search``, the real binary, ``-s 7.5``); ``search=`` forces either. ``retrieval``
   combines the top-k (EC: identity-weighted vote abstaining to the family level; GO: CAFA's BLAST
   baseline with scores), ``retrieval_top1`` copies the top hit's answer. No hit -> the most-common
-  answer (counted as ``no_hit``). Examples with several proteins use the first one.
+  answer (counted as ``no_hit``); ``retrieval_composition`` instead copies the answer of the training protein
+  closest in amino-acid + dipeptide composition (the fallback a model's own database can use,
+  ``retrieval_protllm.composition_profiles``). Examples with several proteins use the first one.
 * :class:`ShuffledProteins`: wraps any predictor and gives each example another example's
   proteins (a seeded derangement over the whole evaluation set): does the model use the protein?
 """
@@ -171,19 +173,25 @@ class Retrieval:
       the top hit, which the centroid did not beat on the yeast valid split, see eval/README.md) or ``'medoid'``
       (:func:`medoid_text`).
 
-    A test protein with no hit predicts the most-common training answer of the task (counted in ``no_hit``).
+    A test protein with no hit predicts the most-common training answer of the task (counted in ``no_hit``), or with
+    ``fallback="composition"`` (name ``retrieval_composition``) the answer of the training protein of the task
+    closest in composition (cosine of ``retrieval_protllm.composition_profiles``).
     ``identity`` / ``neighbour`` keep the top hit per test id.
     """
 
     def __init__(self, train_examples: list[dict], threads: int = 1, sensitivity: float | None = None,
                  exclude_same_id: bool = True, combine: bool = True, k: int = 10, share: float = 0.5,
-                 text_combine: str = "top1", ec_min_bits: float = 0.9, search: str = "auto"):
+                 text_combine: str = "top1", ec_min_bits: float = 0.9, search: str = "auto",
+                 fallback: str = "most_common"):
         if text_combine not in ("top1", "medoid"):
             raise ValueError(f"text_combine must be 'top1' or 'medoid', got {text_combine!r}")
+        if fallback not in ("most_common", "composition"):
+            raise ValueError(f"fallback must be 'most_common' or 'composition', got {fallback!r}")
+        self.no_hit_fallback = fallback
         search_tool(search, 0)  # a bad name fails here, before any search
         self.search = search
         self.tools: dict[str, str] = {}  # task -> the tool its search used
-        self.name = "retrieval" if combine else "retrieval_top1"
+        self.name = ("retrieval" if combine else "retrieval_top1") + ("_composition" if fallback == "composition" else "")
         self.train = {}
         for ex in train_examples:
             seq = _first_seq(ex)
@@ -210,7 +218,7 @@ class Retrieval:
                 "smith_waterman": f"pyswrd exhaustive, BLOSUM62 gap 10/1, E <= {SMITH_WATERMAN_MAX_EVALUE}, rank by score"
                 if "smith-waterman" in used else None,
                 "mmseqs_version": mmseqs_version() if "mmseqs2" in used else None, "sensitivity": self.sensitivity,
-                "rank": "best bit score", "fallback": "most_common", "exclude_same_id": self.exclude_same_id,
+                "rank": "best bit score", "fallback": self.no_hit_fallback, "exclude_same_id": self.exclude_same_id,
                 "combine": self.combine, "k": self.k, "weight": "identity (EC: bit score)", "ec_share": self.share,
                 "ec_min_bits": self.ec_min_bits, "text_combine": self.text_combine}
 
@@ -269,18 +277,39 @@ class Retrieval:
                     if len(kept.setdefault(h["query"], [])) < self.k:
                         kept[h["query"]].append(h)
             fb = self.fallback.answers.get(task, "")
+            closest = self._closest_in_composition(task, [ex for ex in exs if not kept.get(ex["id"]) and ex["id"] in queries],
+                                                   queries) if self.no_hit_fallback == "composition" else {}
             for ex in exs:
                 hits = kept.get(ex["id"])
                 if not hits:
                     self.no_hit += 1
                     self.identity[ex["id"]] = 0.0
                     self.neighbour[ex["id"]] = None
-                    out[ex["id"]] = fb
+                    out[ex["id"]] = targets[closest[ex["id"]]][1] if ex["id"] in closest else fb
                 else:
                     self.identity[ex["id"]] = hits[0]["identity"]
                     self.neighbour[ex["id"]] = hits[0]["target"]
                     out[ex["id"]] = self._answer(task, hits, targets)
         return [out[ex["id"]] for ex in examples]
+
+    def _closest_in_composition(self, task: str, exs: list[dict], queries: dict[str, str]) -> dict[str, str]:
+        """`{test id: training id}`: the task's training protein most similar in composition (itself excluded)."""
+        import numpy as np
+
+        from retrieval_protllm import composition_profiles
+
+        targets = self.train.get(task, {})
+        if not exs or not targets:
+            return {}
+        target_ids = list(targets)
+        similarity = composition_profiles([queries[ex["id"]] for ex in exs]) @ composition_profiles(
+            [targets[t][0] for t in target_ids]).T
+        if self.exclude_same_id:
+            column = {t: j for j, t in enumerate(target_ids)}
+            for row, ex in enumerate(exs):
+                if ex["id"] in column:
+                    similarity[row, column[ex["id"]]] = -np.inf
+        return {ex["id"]: target_ids[int(np.argmax(similarity[row]))] for row, ex in enumerate(exs)}
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:

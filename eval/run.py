@@ -9,7 +9,8 @@ The function a script calls; `python -m eval` parses its flags into these argume
 
 Predictors: a model folder (ProtLLM contract: with its own retrieval database when the folder has `retrieval/`),
 `most_common`, `retrieval` (MMseqs2 top-k neighbours in `train`, combined: eval.baselines.Retrieval),
-`retrieval_top1` (the top hit's answer) or `file:PRED.jsonl`.
+`retrieval_top1` (the top hit's answer), either with `_composition` (a no-hit copies the answer of the training protein
+closest in composition instead of the most common one) or `file:PRED.jsonl`.
 
 `split="temporal"`: the EC number and reaction tasks are evaluated on the temporal test set (New-392: Swiss-Prot
 entries newer than CLEAN split10's release) with CLEAN split10 as training / retrieval database, whatever `data`
@@ -24,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+RETRIEVAL_PREDICTORS = ("retrieval", "retrieval_top1", "retrieval_composition", "retrieval_top1_composition")
 TEMPORAL_TASKS = ("ec_number", "reaction")
 TEMPORAL_SPLIT = ("temporal: New-392 (Swiss-Prot entries newer than the CLEAN split10 release) as test, "
                   "CLEAN split10 as train / retrieval database")
@@ -179,7 +181,7 @@ def run_evaluation(
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of examples per task, got {limit}")
     for spec in predictors:
-        if spec not in ("most_common", "retrieval", "retrieval_top1") and not spec.startswith("file:") and Path(spec).is_dir() \
+        if spec not in ("most_common", *RETRIEVAL_PREDICTORS) and not spec.startswith("file:") and Path(spec).is_dir() \
                 and not (Path(spec) / "config.json").is_file():
             raise ValueError(f"predictor {spec}: the folder has no config.json, so it is not a model folder "
                              "(an unfinished save or the wrong path?)")
@@ -249,13 +251,14 @@ def run_evaluation(
             if not train_examples:
                 raise ValueError("most_common needs --train or --holdout")
             p, bs = MostCommon(train_examples), 10**9
-        elif spec in ("retrieval", "retrieval_top1"):
+        elif spec in RETRIEVAL_PREDICTORS:
             from .baselines import Retrieval
 
             if not train_examples:
                 raise ValueError(f"{spec} needs --train or --holdout")
-            p = Retrieval(train_examples, threads=threads, sensitivity=sensitivity, combine=spec == "retrieval",
-                          k=retrieval_k, text_combine=retrieval_text, search=retrieval_search)
+            p = Retrieval(train_examples, threads=threads, sensitivity=sensitivity, combine=not spec.startswith("retrieval_top1"),
+                          k=retrieval_k, text_combine=retrieval_text, search=retrieval_search,
+                          fallback="composition" if spec.endswith("_composition") else "most_common")
             bs = 10**9
         elif spec.startswith("file:"):
             p, bs = FilePredictor(spec[5:]), 10**9
@@ -264,7 +267,7 @@ def run_evaluation(
                                temperature=temperature, top_p=top_p, device=device, dtype=dtype)
             bs = batch_size
         else:
-            raise ValueError(f"unknown predictor {spec!r}: not a folder, most_common, retrieval, retrieval_top1 "
+            raise ValueError(f"unknown predictor {spec!r}: not a folder, most_common, {', '.join(RETRIEVAL_PREDICTORS)} "
                              "or file:PATH")
         base = p.name
         k = 2
@@ -309,14 +312,14 @@ def run_evaluation(
                     1 for e in exs if e["id"] not in p.preds), "invalid_lines": p.info["invalid_lines"],
                     "duplicate_ids_in_file": p.info["duplicate_ids"]}
             # p.neighbour is filled when it predicted; on a resumed run (predictions read back) it is empty
-            if getattr(p, "no_hit", None) is not None and p.name in ("retrieval", "retrieval_top1") \
+            if getattr(p, "no_hit", None) is not None and p.name in RETRIEVAL_PREDICTORS \
                     and all(e["id"] in p.neighbour for e in exs):
                 no_hit = sum(1 for e in exs if p.neighbour[e["id"]] is None)
                 extra["retrieval_no_hit"] = no_hit
-                fallback = p.fallback.answers.get(name, "")
+                answer = ("the answer of the training protein closest in composition" if p.no_hit_fallback == "composition"
+                          else f"the most-common training answer ({p.fallback.answers.get(name, '')[:80]!r})")
                 notes.append(f"{name}: {p.name} found no hit ({describe_search(p.tools[name], sensitivity)}) for "
-                             f"{no_hit} of {len(exs)} test proteins; a no-hit predicts the most-common training "
-                             f"answer ({fallback[:80]!r}).")
+                             f"{no_hit} of {len(exs)} test proteins; a no-hit predicts {answer}.")
             scorers[p.name] = task_scorer(name, exs, preds, meteor=meteor, bertscore_model=bertscore_model,
                                           go_vocabulary=go_vocabulary)
             res = score_predictor(name, exs, preds, identities.get(name), bootstrap=bootstrap, seed=seed,

@@ -81,6 +81,7 @@ def _column(predictor: str, model_name: str) -> str:
 def print_table(table: dict):
     print("\n=== held-out evaluation (test proteins <=30% identity to training) ===")
     present = [c for c in COLUMNS if any(c in row for row in table["tasks"].values())]
+    present += sorted({c for row in table["tasks"].values() for c in row} - set(COLUMNS))  # extra baselines last
     print(f"{'task':<14} {'metric':<14} " + " ".join(f"{c:>24}" for c in present))
     for task, row in table["tasks"].items():
         metric = next(iter(row.values()))["metric"]

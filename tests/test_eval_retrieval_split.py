@@ -52,6 +52,25 @@ def test_go_retrieval_scores_each_term_by_its_best_neighbour_identity():
     assert yes_no._answer("yes_no", hits, yes_no.train["yes_no"]) == "yes"  # 1.0 of weight against 0.9
 
 
+def test_retrieval_composition_answers_a_protein_without_homolog_from_its_closest_composition():
+    """No hit: `retrieval` gives the most-common answer, `retrieval_composition` the answer of the training protein
+    closest in composition (here: the same residues in another order, which no alignment links)."""
+    pytest.importorskip("pyswrd")
+    from tests.test_retrieval import LYSOZYME, MYOGLOBIN, UBIQUITIN, residue_shuffled
+
+    train = [{"id": f"t{i}", "task": "protein_name", "proteins": [{"sequence": seq}], "reference": name}
+             for i, (seq, name) in enumerate([(LYSOZYME, "Lysozyme C"), (UBIQUITIN, "Ubiquitin"),
+                                               (UBIQUITIN[::-1], "Ubiquitin"), (MYOGLOBIN, "Myoglobin")])]
+    test = [{"id": "decoy", "task": "protein_name", "proteins": [{"sequence": residue_shuffled(MYOGLOBIN, 2)}]},
+            {"id": "lys", "task": "protein_name", "proteins": [{"sequence": LYSOZYME[:-2]}]}]
+    plain, composition = Retrieval(train), Retrieval(train, fallback="composition")
+    assert composition.name == "retrieval_composition" and composition.settings()["fallback"] == "composition"
+    assert plain.predict(test) == ["Ubiquitin", "Lysozyme C"] and plain.no_hit == 1
+    assert composition.predict(test) == ["Myoglobin", "Lysozyme C"] and composition.no_hit == 1
+    with pytest.raises(ValueError, match="fallback must be"):
+        Retrieval(train, fallback="kmer")
+
+
 @pytest.mark.skipif(shutil.which("mmseqs") is None, reason="mmseqs2 not installed")
 def test_split_temporal_swaps_ec_and_reaction_to_the_temporal_sets(tmp_path, repo_root, capsys):
     ec_dir = require_shared_data() / "ec"

@@ -26,12 +26,19 @@ def mutate(sequence: str, fraction: float, seed: int) -> str:
     return "".join(residues)
 
 
-def database() -> RetrievalDatabase:
+def residue_shuffled(sequence: str, seed: int = 0) -> str:
+    """The same residues in a seeded random order: the composition of `sequence`, and no homology to it."""
+    residues = list(sequence)
+    random.Random(seed).shuffle(residues)
+    return "".join(residues)
+
+
+def database(**config) -> RetrievalDatabase:
     return RetrievalDatabase([
         {"id": "P1", "sequence": LYSOZYME, "annotations": {"protein_name": "Lysozyme C", "ec_number": "3.2.1.17"}},
         {"id": "P2", "sequence": UBIQUITIN, "annotations": {"protein_name": "Ubiquitin"}},
         {"id": "P3", "sequence": MYOGLOBIN, "annotations": {"protein_name": "Myoglobin"}},
-    ], {"k": 2, "threads": 1})
+    ], {"k": 2, "threads": 1, **config})
 
 
 def chat(sequence, question="Name this protein."):
@@ -60,6 +67,44 @@ def test_leave_one_out_and_identity_threshold_exclusion():
     assert leave_one_out == ["close", "distant"]
     capped = search_excluding(db, [LYSOZYME], exclude=["self"], max_identity=0.9)[0]
     assert [n["id"] for n in capped] == ["distant"] and capped[0]["identity"] <= 0.9
+
+
+def test_composition_fallback_only_for_a_protein_without_homolog():
+    """A residue-shuffled myoglobin has no homolog but myoglobin's composition: with `fallback: composition` it gets
+    myoglobin, marked and rendered as a composition match; a protein with a homolog gets its homologs only."""
+    decoy = residue_shuffled(MYOGLOBIN, 2)  # (seeds 0 and 1 leave a chance local alignment at E < 0.01)
+    plain, with_fallback = database(), database(fallback="composition")
+    assert plain.search([decoy]) == [[]] and plain.find([decoy]) == [[]]
+    found = with_fallback.find([decoy, mutate(LYSOZYME, 0.3, 0)])
+    assert [n["id"] for n in found[0]][0] == "P3" and [n["method"] for n in found[0]] == ["composition"] * 2
+    assert found[0][0]["similarity"] > 0.9 > found[0][1]["similarity"]
+    assert [n["id"] for n in found[1]] == ["P1"] and "method" not in found[1][0] and found[1][0]["evalue"] < 1e-10
+    text = render_neighbours(found[0][:1])
+    assert text.endswith("- no homolog, similar composition; name: Myoglobin") and "identity" not in text
+    assert with_fallback.composition_neighbours([decoy], k=1, exclude=[{"P3"}])[0][0]["id"] != "P3"
+    with pytest.raises(RetrievalError, match="fallback must be one of"):
+        database(fallback="kmers")
+
+
+def test_composition_fallback_in_training_keeps_the_exclusions():
+    """Training composition neighbours are never the protein itself, its cluster or a homolog above the identity cap,
+    even when it has more such homologs than the search over-fetches (52 here): those are searched again in full."""
+    copies = [{"id": f"copy{i}", "sequence": mutate(LYSOZYME, 0.05, i), "annotations": {"protein_name": "Close copy"}}
+              for i in range(60)]
+    db = RetrievalDatabase([
+        {"id": "self", "sequence": LYSOZYME, "annotations": {"protein_name": "Lysozyme C"}, "cluster": "c1"},
+        *copies,
+        {"id": "twin", "sequence": residue_shuffled(LYSOZYME, 1), "annotations": {"protein_name": "Same composition"}},
+        {"id": "other", "sequence": UBIQUITIN, "annotations": {"protein_name": "Ubiquitin"}},
+    ], {"k": 1, "threads": 1, "fallback": "composition"})
+    assert [n["id"] for n in db.find([LYSOZYME])[0]] == ["self"]
+    homologs = db.search([LYSOZYME], k=100)[0]
+    assert len(homologs) == 61 and all(n["identity"] > 0.9 for n in homologs)  # itself + 60 copies, all above the cap
+    found = search_excluding(db, [LYSOZYME], exclude=["self"], max_identity=0.9)[0]
+    assert [(n["id"], n["method"]) for n in found] == [("twin", "composition")]
+    db.entries[-2]["cluster"] = "c1"  # the twin now shares the query's cluster
+    assert [n["id"] for n in search_excluding(db, [LYSOZYME], exclude=["self"], max_identity=0.9,
+                                              exclude_same_cluster=True)[0]] == ["other"]
 
 
 def test_records_merge_into_one_entry_per_protein_and_a_conflicting_sequence_is_named():
@@ -198,7 +243,7 @@ def folder_with_database(tmp_path_factory):
     from protllm.testing import build_tiny_protllm
 
     model, processor = build_tiny_protllm("llama", seed=0)
-    processor.retrieval_database = database()
+    processor.retrieval_database = database(fallback="composition")
     return save_model_folder(model, processor, tmp_path_factory.mktemp("retrieval") / "model")
 
 
@@ -216,10 +261,13 @@ def test_database_round_trip_through_auto_classes_in_a_clean_process(folder_with
                                                {{"type": "text", "text": "Name this protein."}}]}}]
         with_db = processor.apply_chat_template(query, add_generation_prompt=True)
         without = processor.apply_chat_template(query, add_generation_prompt=True, retrieval=False)
+        query[0]["content"][0]["sequence"] = {residue_shuffled(MYOGLOBIN, 2)!r}  # no homolog in the database
+        by_composition = processor.apply_chat_template(query, add_generation_prompt=True)
         inputs = processor.apply_chat_template(query, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                return_tensors="pt")
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         print(json.dumps({{"size": len(processor.retrieval_database), "with": with_db, "without": without,
+                          "by_composition": by_composition,
                           "protein_tokens": int((inputs["input_ids"] == processor.protein_token_id).sum()),
                           "new_tokens": generated.shape[1] - inputs["input_ids"].shape[1]}}))
     """, cwd=tmp_path)
@@ -227,6 +275,7 @@ def test_database_round_trip_through_auto_classes_in_a_clean_process(folder_with
     assert result["size"] == 3
     assert "name: Lysozyme C" in result["with"] and "EC: 3.2.1.17" in result["with"]
     assert "Lysozyme" not in result["without"] and "Similar proteins" not in result["without"]
+    assert "- no homolog, similar composition; name: Myoglobin" in result["by_composition"]
     assert result["protein_tokens"] > 0 and result["new_tokens"] == 3  # protein tokens stay beside the neighbours
 
 
@@ -290,6 +339,7 @@ def test_no_retrieval_tells_the_model_nothing_is_known(folder_with_database):
     ({"max_identity": 1.5}, r"model.retrieval.max_identity` must be in \(0, 1\]"),
     ({"exclusion": "none"}, "leave_one_out or cluster"),
     ({"train_rows": -5}, "model.retrieval.train_rows` must be a positive integer"),
+    ({"fallback": "kmer"}, "model.retrieval.fallback` must be composition or absent"),
 ])
 def test_recipe_retrieval_keys_are_checked(retrieval, message):
     pytest.importorskip("trl")

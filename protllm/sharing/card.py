@@ -491,10 +491,14 @@ def retrieval_section(folder) -> str | None:
         f"- **Search**: {config.get('tool', 'not recorded')}; top {config.get('k')} neighbours with E-value <= {config.get('max_evalue')}, "
         "rendered into the prompt next to the protein tokens (the encoder path stays).",
     ]
+    if config.get("fallback") == "composition":
+        lines.append(f"- **No homolog found**: the top {config.get('k')} proteins closest in amino-acid + dipeptide "
+                     "composition (cosine) are shown instead, labelled \"no homolog, similar composition\".")
     if training:
         lines.append(f"- **Training**: each training protein saw neighbours from the training set excluding itself "
                      f"({training.get('exclusion', 'leave_one_out')}) and anything above {training.get('max_identity')} identity, "
-                     "so the model learned to use distant homologs rather than copy an identical neighbour.")
+                     "so the model learned to use distant homologs rather than copy an identical neighbour"
+                     + (" (composition neighbours under the same exclusions)" if config.get("fallback") else "") + ".")
     lines.append("- Pass `retrieval=False` to `processor.apply_chat_template` for the encoder path alone, or your own "
                  "`{\"type\": \"neighbours\", ...}` block.")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ STAGE_KEYS = {"name", "training", "loss_weights", "noise_std", "new_module_lr_mu
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 MOE_KEYS = {"num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"}
 LOSS_WEIGHT_KEYS = {"mlm", "contrastive", "denoise"}
-RETRIEVAL_KEYS = {"k", "max_identity", "exclusion", "max_evalue", "max_annotation_chars", "fields", "threads",
+RETRIEVAL_KEYS = {"k", "max_identity", "exclusion", "max_evalue", "max_annotation_chars", "fields", "threads", "fallback",
                   "train_rows"}
 EVALUATE_KEYS = {"data", "train", "baselines", "shuffled_proteins", "no_retrieval", "batch_size", "max_new_tokens",
                  "bootstrap", "flags", "limit", "examples", "tasks", "split"}
@@ -123,6 +123,8 @@ def _check_retrieval(spec, path) -> None:
         raise RecipeError(f"{path}: `model.retrieval.max_identity` must be in (0, 1], got {identity!r}")
     if spec.get("exclusion", "leave_one_out") not in ("leave_one_out", "cluster"):
         raise RecipeError(f"{path}: `model.retrieval.exclusion` must be leave_one_out or cluster, got {spec['exclusion']!r}")
+    if spec.get("fallback") not in (None, "composition"):
+        raise RecipeError(f"{path}: `model.retrieval.fallback` must be composition or absent, got {spec['fallback']!r}")
     rows = spec.get("train_rows")
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
         raise RecipeError(f"{path}: `model.retrieval.train_rows` must be a positive integer, got {rows!r}")

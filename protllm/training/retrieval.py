@@ -9,6 +9,7 @@ Recipe switch (`model.retrieval:`; keys checked by `recipe.py`):
         exclusion: leave_one_out  # or `cluster`: also drop proteins of the query's cluster (row meta `cluster`)
         max_evalue: 0.01
         max_annotation_chars: 160
+        fallback: composition     # optional: a protein with no homolog gets its closest proteins in composition
         fields: [protein_name, function_text, ec_number, reaction]   # the tasks whose answers annotate a protein
         train_rows: 800           # optional: train on a seeded sample of this many rows (the database keeps all)
 
@@ -19,7 +20,9 @@ seeded sample of that size while the database still holds every training protein
 Every training protein is searched against the database of all training proteins, excluding itself (and its
 cluster), and every neighbour above `max_identity`: the model learns to use distant homologs, not to copy an
 identical one. Each user message gets a neighbours block after each protein, empty ("none found") when nothing
-passes, so training prompts look exactly like inference prompts.
+passes, so training prompts look exactly like inference prompts. With `fallback: composition`, a protein left without
+neighbours gets its closest database proteins in composition instead, under the same exclusions: never itself, its
+cluster, or any homolog the search found (E <= max_evalue) above `max_identity`.
 """
 
 from __future__ import annotations
@@ -110,15 +113,28 @@ def search_excluding(database: RetrievalDatabase, sequences: list[str], exclude:
     # Over-fetch, so that k remain after the exclusions and the identity cap.
     fetch = k + max((len(ids) for ids in excluded), default=0) + (50 if max_identity is not None else 0)
     found = database.search(sequences, k=fetch)
-    return [[n for n in neighbours if n["id"] not in ids and (max_identity is None or n["identity"] <= max_identity)][:k]
+    kept = [[n for n in neighbours if n["id"] not in ids and (max_identity is None or n["identity"] <= max_identity)][:k]
             for neighbours, ids in zip(found, excluded)]
+    if database.config.get("fallback") == "composition":
+        empty = [i for i, neighbours in enumerate(kept) if not neighbours]
+        # Every homolog of these queries (E <= max_evalue) was excluded or above the cap, and none may come back by
+        # composition: block them all. A query whose search hit the over-fetch limit is searched again without it.
+        truncated = [i for i in empty if len(found[i]) >= fetch]
+        for i, neighbours in zip(truncated, database.search([sequences[i] for i in truncated], k=len(database))):
+            found[i] = neighbours
+        blocked = [excluded[i] | {n["id"] for n in found[i]} for i in empty]
+        for i, neighbours in zip(empty, database.composition_neighbours([sequences[i] for i in empty], k=k,
+                                                                        exclude=blocked)):
+            kept[i] = neighbours
+    return kept
 
 
 def build_database(rows, spec: dict, sources: list[str]) -> RetrievalDatabase:
     """The retrieval database of every training protein, with the answers of `spec['fields']` as annotations."""
     fields = tuple(spec.get("fields") or DEFAULT_FIELDS)
     config = {"k": spec.get("k", 3), "max_evalue": spec.get("max_evalue", 0.01),
-              "max_annotation_chars": spec.get("max_annotation_chars", 160), "sources": list(sources),
+              "max_annotation_chars": spec.get("max_annotation_chars", 160), "fallback": spec.get("fallback"),
+              "sources": list(sources),
               "training": {"max_identity": spec.get("max_identity", 0.3),
                            "exclusion": spec.get("exclusion", "leave_one_out")}}
     database = database_from_records(database_records(rows, fields), config)
@@ -170,7 +186,9 @@ def add_neighbours(dataset, database: RetrievalDatabase, spec: dict):
 
     dataset = dataset.map(with_blocks, desc="adding retrieved neighbours")
     counts = [len(v) for v in neighbours.values()]
+    by_composition = sum(1 for v in neighbours.values() if v and v[0].get("method") == "composition")
     stats = {"proteins": len(counts), "with_neighbours": sum(1 for c in counts if c),
+             **({"with_composition_neighbours": by_composition} if database.config.get("fallback") else {}),
              "mean_neighbours": round(sum(counts) / max(len(counts), 1), 2),
              "max_identity": spec.get("max_identity", 0.3), "exclusion": spec.get("exclusion", "leave_one_out")}
     return dataset, stats
