@@ -105,6 +105,52 @@ def test_every_stage_runs_and_lowers_the_loss_on_real_yeast_data(tmp_path, yeast
     assert [s["name"] for s in record["stages"]] == ["warmup", "align", "instruct", "moe"]
 
 
+def test_group_by_length_batches_rows_of_similar_length(tmp_path, yeast_rows):
+    """`training.train_sampling_strategy: group_by_length` (the Trainer's LengthGroupedSampler) reads a length per row;
+    chat rows have no `input_ids`, so the stage measures each row as the collator builds it. Same rows, less padding."""
+    padding = {}
+    for strategy in ("random", "group_by_length"):
+        # 48 rows, batch 2: one epoch. (The sampler groups within "megabatches" of min(rows // (4 x batch), 50)
+        # batches, here 6; at batch 8 a megabatch would be one batch and nothing could be grouped.)
+        stages = [{"name": "warmup", "training": {"max_steps": 2}},  # random batches: its caption mix stays
+                  {"name": "align", "training": {"max_steps": 24}}]
+        (tmp_path / strategy).mkdir()
+        recipe = write_recipe(tmp_path / strategy / "recipe.yaml", stages, yeast_rows,
+                              training={"per_device_train_batch_size": 2, "logging_steps": 4, "learning_rate": 3e-3,
+                                        "train_sampling_strategy": strategy})
+        assert train_sft.main(["--config", str(recipe), "--no_eval"]) == 0
+        summary = json.loads((tmp_path / strategy / "out" / "stages" / "align" / "stage_complete.json").read_text())
+        assert summary["collator"]["examples"] == 48
+        padding[strategy] = summary["collator"]["padding_tokens"] / summary["collator"]["tokens"]
+    assert padding["group_by_length"] < 0.5 * padding["random"], padding
+
+
+def test_length_grouped_batches_come_in_random_order():
+    """The SFT trainer's group_by_length sampler keeps transformers' batches of similar length but shuffles their order:
+    the parent's come longest first within each megabatch."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from protllm.training.trainers import ShuffledBatchesLengthGroupedSampler
+
+    lengths = [int(x) for x in torch.randint(5, 500, (400,), generator=torch.Generator().manual_seed(0))]
+    parent = list(LengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(1)))
+    shuffled = list(ShuffledBatchesLengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(1)))
+    batches = lambda order: [tuple(order[i: i + 8]) for i in range(0, len(order), 8)]  # noqa: E731
+    assert sorted(shuffled) == list(range(400)) and set(batches(shuffled)) == set(batches(parent))
+    assert batches(shuffled) != batches(parent)
+    # the parent: longest first within each megabatch (12 batches here), the order a short run must not inherit
+    maxima = [max(lengths[i] for i in batch) for batch in batches(parent)]
+    assert all(maxima[k + 1: k + 12] == sorted(maxima[k + 1: k + 12], reverse=True) for k in range(12, 48, 12))
+
+
+def test_row_length_is_the_length_of_the_row_in_a_batch(tiny):
+    _, processor = tiny
+    collator = ProtLLMDataCollator(processor)
+    rows = [{"messages": MESSAGES}, {"prompt": "Name <protein>:", "completion": " kinase", "proteins": ["MKTAYIAK"]}]
+    batch = collator(rows)
+    assert [collator.row_length(row) for row in rows] == batch["attention_mask"].sum(1).tolist()
+
+
 def test_lora_instruct_saves_adapter_with_projector_and_merged_model(tmp_path, yeast_rows):
     stages = [{"name": "instruct", "training": {"max_steps": 3},
                "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}]

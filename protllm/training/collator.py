@@ -116,6 +116,18 @@ class ProtLLMDataCollator:
             prompt = bos + prompt
         return prompt + completion, list(row.get("proteins") or []), [(len(prompt), len(prompt) + len(completion))]
 
+    def row_length(self, row: dict) -> int:
+        """Tokens `row` takes in a batch before truncation (protein placeholders expanded, no padding): the `length`
+        column of the Trainer's `train_sampling_strategy="group_by_length"`."""
+        conversation = self.row_messages(row)
+        if conversation is None:
+            text, proteins, _ = self._standard_row(row)
+        else:
+            text, proteins, _ = render_conversation(self.processor, *conversation)
+        with counted_crops():
+            batch = self.processor(text=[text], proteins=[proteins], add_special_tokens=False)
+        return len(batch["input_ids"][0])
+
     def __call__(self, rows: list[dict]) -> dict:
         texts, proteins, spans = [], [], []
         for row in rows:
@@ -148,6 +160,9 @@ class ProtLLMDataCollator:
             batch = self._truncate(batch)
         if self.feature_cache is not None and "protein_input_ids" in batch:
             batch = self.feature_cache.swap_in(batch)
+        # What the batch costs: padding is computed on, then thrown away (`group_by_length` and `padding_free` cut it).
+        self.stats["tokens"] += batch["input_ids"].numel()
+        self.stats["padding_tokens"] += int((batch["attention_mask"] == 0).sum())
         if self.padding_free:
             batch = pack_rows(batch)
         return batch

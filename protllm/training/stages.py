@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -157,6 +157,10 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
                     "unigram_reference": unigram_perplexity((r["sequence"] for r in corpus), [s[:max_length] for s in held_out]),
                 }
         warmup_collator = WarmupCollator(processor)
+        if getattr(training_args, "train_sampling_strategy", None) == "group_by_length":
+            # Batches sorted by length would undo `caption_share`'s mix of captioned and MLM-only rows in each batch.
+            logger.info("[warmup] train_sampling_strategy group_by_length applies to the SFT stages; warm-up batches are random")
+            training_args = replace(training_args, train_sampling_strategy="random")
         trainer = make_warmup_trainer(wrapper, training_args, warmup_rows, warmup_collator,
                                       new_module_lr_multiplier=stage_spec.get("new_module_lr_multiplier", 10.0))
         trainer.train(resume_from_checkpoint=resume)
@@ -187,6 +191,13 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
             protllm_core(model).protein_encoder.to(training_args.device)
             written = feature_cache.precompute(train_dataset, collator, batch_size=training_args.per_device_train_batch_size)
             summary["feature_cache"] = {"directory": str(feature_cache.directory), "written": written}
+        if getattr(training_args, "train_sampling_strategy", None) == "group_by_length" \
+                and training_args.length_column_name not in train_dataset.column_names:
+            # The Trainer's LengthGroupedSampler batches rows of similar length (less padding); it reads their lengths
+            # from this column, since rows here are chats, not `input_ids`.
+            train_dataset = train_dataset.map(lambda row: {training_args.length_column_name: collator.row_length(row)},
+                                              desc="row lengths for group_by_length",
+                                              new_fingerprint=f"{train_dataset._fingerprint}-lengths")
         train_model = _lora_model(model, stage_spec) if stage.uses_lora(stage_spec) else model
         if train_model is not model:  # the LoRA adapters exist only now: count them with the trainable parameters
             counts["trainable"] = sum(numel(p) for p in train_model.parameters() if p.requires_grad)

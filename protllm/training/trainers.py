@@ -7,6 +7,7 @@ import os
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..building import cast_floating_parameters
 from ..parameter_groups import part_of, protllm_core
@@ -208,6 +209,13 @@ def make_sft_trainer(model, processor, args, train_dataset, collator, part_learn
                 self.optimizer = build_optimizer(self.model, self.args, part_learning_rates or {})
             return self.optimizer
 
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:  # `train_sampling_strategy: group_by_length`
+                sampler = ShuffledBatchesLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
+                                                              generator=sampler.generator)
+            return sampler
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             fused = self.use_fused_lm_head
             if fused is None:
@@ -221,6 +229,21 @@ def make_sft_trainer(model, processor, args, train_dataset, collator, part_learn
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collator,
         processing_class=processor.tokenizer, callbacks=callbacks,
     )
+
+
+class ShuffledBatchesLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' `LengthGroupedSampler` (batches of rows of similar length, so little padding), with the batches in
+    random order.
+
+    The parent puts each "megabatch" (up to 50 batches) longest first. A short run then trains on the long rows (function
+    descriptions) at the top of its learning-rate schedule and on the short ones (yes/no answers) at its bottom.
+    """
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        batches = [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        order = torch.randperm(len(batches), generator=self.generator).tolist()
+        return iter([index for b in order for index in batches[b]])
 
 
 class CollatorStatsCallback(TrainerCallback):
