@@ -390,6 +390,11 @@ def test_card_states_the_retrieval_database(copy_of):
     card = sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=None).content
     section = card.split("## Retrieval", 1)[1].split("\n## ", 1)[0]
     assert "2 proteins" in section and "`data/demo`" in section and "above 0.3 identity" in section
+    assert "composition" not in section
+    database.config["fallback"] = "composition"
+    database.save(copy_of / "retrieval")
+    card = sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=None).content
+    assert "the 3 proteins closest in amino-acid + dipeptide composition (cosine) are shown instead" in card
 
 
 def test_metrics_without_retrieval_baseline_are_flagged(copy_of):

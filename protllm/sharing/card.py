@@ -492,8 +492,10 @@ def retrieval_section(folder) -> str | None:
         "rendered into the prompt next to the protein tokens (the encoder path stays).",
     ]
     if config.get("fallback") == "composition":
-        lines.append(f"- **No homolog found**: the top {config.get('k')} proteins closest in amino-acid + dipeptide "
-                     "composition (cosine) are shown instead, labelled \"no homolog, similar composition\".")
+        closest = "the protein closest" if config.get("k") == 1 else f"the {config.get('k')} proteins closest"
+        verb = "is" if config.get("k") == 1 else "are"
+        lines.append(f"- **No homolog found**: {closest} in amino-acid + dipeptide composition (cosine) {verb} shown "
+                     "instead, labelled \"no homolog, similar composition\".")
     if training:
         lines.append(f"- **Training**: each training protein saw neighbours from the training set excluding itself "
                      f"({training.get('exclusion', 'leave_one_out')}) and anything above {training.get('max_identity')} identity, "
