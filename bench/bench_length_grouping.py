@@ -37,7 +37,7 @@ def main():
     from protllm.training.retrieval import add_neighbours, build_database
     from protllm.training.trainers import ShuffledBatchesLengthGroupedSampler
 
-    recipe = yaml.safe_load(open(args.config))
+    recipe = yaml.safe_load(Path(args.config).read_text())
     spec = recipe["model"]["retrieval"]
     rows = load_dataset("json", data_files=args.train, split="train")
     database = build_database(rows, spec, [args.train])
