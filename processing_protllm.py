@@ -175,6 +175,9 @@ class ProtLLMProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load the processor and, when the folder has `retrieval/`, its retrieval database."""
+        # The LLM tokenizer is plain: loading it must not ask whether to run the folder's model code (AutoTokenizer
+        # reads config.json, whose `auto_map` makes transformers prompt, and wait 15 s, when nobody said).
+        kwargs.setdefault("trust_remote_code", False)
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         processor.retrieval_database = RetrievalDatabase.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return processor

@@ -279,6 +279,16 @@ def test_database_round_trip_through_auto_classes_in_a_clean_process(folder_with
     assert result["protein_tokens"] > 0 and result["new_tokens"] == 3  # protein tokens stay beside the neighbours
 
 
+def test_processor_class_loads_a_folder_without_asking_to_run_its_code(folder_with_database, capfd):
+    """`ProtLLMProcessor.from_pretrained(folder)` reads a plain tokenizer: transformers must not prompt about the
+    folder's `auto_map` (interactively it waits 15 s for an answer)."""
+    from processing_protllm import ProtLLMProcessor
+
+    processor = ProtLLMProcessor.from_pretrained(folder_with_database)
+    captured = capfd.readouterr()
+    assert "custom code" not in captured.out + captured.err and len(processor.retrieval_database) == 3
+
+
 def test_user_neighbours_are_kept_and_retrieval_true_needs_a_database(folder_with_database):
     from processing_protllm import ProtLLMProcessor
 
