@@ -230,10 +230,10 @@ class RetrievalDatabase:
         if self._profiles is None:
             self._profiles = composition_profiles([entry["sequence"] for entry in self.entries])
         similarity = composition_profiles(sequences) @ self._profiles.T  # (Q, N)
-        index = {entry["id"]: i for i, entry in enumerate(self.entries)}
+        index = {entry["id"]: i for i, entry in enumerate(self.entries)} if exclude is not None else {}
         results = []
         for q in range(len(sequences)):
-            row = similarity[q].copy()
+            row = similarity[q]
             for excluded in (exclude[q] if exclude is not None else ()):
                 if excluded in index:
                     row[index[excluded]] = -np.inf

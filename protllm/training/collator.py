@@ -116,14 +116,17 @@ class ProtLLMDataCollator:
             prompt = bos + prompt
         return prompt + completion, list(row.get("proteins") or []), [(len(prompt), len(prompt) + len(completion))]
 
+    def render_row(self, row: dict) -> tuple[str, list, list[tuple[int, int]]]:
+        """One row of any format -> (text with one `<protein>` per protein, its proteins, character spans learned)."""
+        conversation = self.row_messages(row)
+        if conversation is None:
+            return self._standard_row(row)
+        return render_conversation(self.processor, *conversation)
+
     def row_length(self, row: dict) -> int:
         """Tokens `row` takes in a batch before truncation (protein placeholders expanded, no padding): the `length`
         column of the Trainer's `train_sampling_strategy="group_by_length"`."""
-        conversation = self.row_messages(row)
-        if conversation is None:
-            text, proteins, _ = self._standard_row(row)
-        else:
-            text, proteins, _ = render_conversation(self.processor, *conversation)
+        text, proteins, _ = self.render_row(row)
         with counted_crops():
             batch = self.processor(text=[text], proteins=[proteins], add_special_tokens=False)
         return len(batch["input_ids"][0])
@@ -131,12 +134,7 @@ class ProtLLMDataCollator:
     def __call__(self, rows: list[dict]) -> dict:
         texts, proteins, spans = [], [], []
         for row in rows:
-            conversation = self.row_messages(row)
-            if conversation is None:
-                text, row_proteins, row_spans = self._standard_row(row)
-            else:
-                messages, learn_from = conversation
-                text, row_proteins, row_spans = render_conversation(self.processor, messages, learn_from)
+            text, row_proteins, row_spans = self.render_row(row)
             texts.append(text)
             proteins.append(row_proteins)
             spans.append(row_spans)

@@ -123,7 +123,9 @@ def _check_retrieval(spec, path) -> None:
         raise RecipeError(f"{path}: `model.retrieval.max_identity` must be in (0, 1], got {identity!r}")
     if spec.get("exclusion", "leave_one_out") not in ("leave_one_out", "cluster"):
         raise RecipeError(f"{path}: `model.retrieval.exclusion` must be leave_one_out or cluster, got {spec['exclusion']!r}")
-    if spec.get("fallback") not in (None, "composition"):
+    from retrieval_protllm import FALLBACKS
+
+    if spec.get("fallback") not in FALLBACKS:
         raise RecipeError(f"{path}: `model.retrieval.fallback` must be composition or absent, got {spec['fallback']!r}")
     rows = spec.get("train_rows")
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
