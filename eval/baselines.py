@@ -168,7 +168,10 @@ class Retrieval:
       weighted by bit score (abstaining to the family level when they disagree);
     * ``go_terms``: CAFA's BLAST baseline: every GO id of a neighbour, scored by the highest identity of a
       neighbour that carries it (``"GO:0005634 (0.83); ..."``, so Fmax sweeps a real threshold);
-    * ``yes_no`` / ``function_mcqa``: the answer with the most weight;
+    * ``yes_no`` / ``function_mcqa``: the answer with the most weight. A yes/no question that names its label
+      (``meta.label``, e.g. "a transferase", as `data.build_demo` writes) is answered from the training rows that
+      ask about the same label only: a neighbour's yes/no to another question says nothing about this one
+      (question-blind, the demo's yes/no retrieval scored 0.43; same-label, 0.69 with the composition fallback);
     * free text (``function_text``, ``protein_name``, ``reaction``, ``keywords``): ``text_combine='top1'`` (default:
       the top hit, which the centroid did not beat on the yeast valid split, see eval/README.md) or ``'medoid'``
       (:func:`medoid_text`).
@@ -220,7 +223,8 @@ class Retrieval:
                 "mmseqs_version": mmseqs_version() if "mmseqs2" in used else None, "sensitivity": self.sensitivity,
                 "rank": "best bit score", "fallback": self.no_hit_fallback, "exclude_same_id": self.exclude_same_id,
                 "combine": self.combine, "k": self.k, "weight": "identity (EC: bit score)", "ec_share": self.share,
-                "ec_min_bits": self.ec_min_bits, "text_combine": self.text_combine}
+                "ec_min_bits": self.ec_min_bits, "text_combine": self.text_combine,
+                "yes_no": "training rows with the question's label (meta.label) when they carry labels"}
 
     def _answer(self, task: str, hits: list[dict], targets: dict) -> str:
         """Answer from the best-first hits of one test protein (at least one)."""
@@ -253,9 +257,6 @@ class Retrieval:
 
     def predict(self, examples):
         out = {}
-        by_task: dict[str, list] = {}
-        for ex in examples:
-            by_task.setdefault(ex["task"], []).append(ex)
         from processing_protllm import clean_residues
 
         for ex in examples:  # a query MMseqs2 cannot search must not quietly get the most-common answer
@@ -264,8 +265,10 @@ class Retrieval:
                 clean_residues(sequence, f"retrieval: example {ex['id']}")
             except ValueError as error:
                 raise ValueError(f"{error} (python -m eval refuses such rows before predicting)") from None
-        for task, exs in by_task.items():
+        for (task, label), exs in self._groups(examples).items():
             targets = self.train.get(task, {})
+            if label is not None:
+                targets = {t: v for t, v in targets.items() if _yes_no_label(v[2]) == label}
             queries = {ex["id"]: s for ex in exs if (s := _first_seq(ex))}
             kept: dict[str, list] = {}
             self.tools[task] = search_tool(self.search, len(targets))
@@ -276,8 +279,8 @@ class Retrieval:
                         continue  # best-first per query
                     if len(kept.setdefault(h["query"], [])) < self.k:
                         kept[h["query"]].append(h)
-            fb = self.fallback.answers.get(task, "")
-            closest = self._closest_in_composition(task, [ex for ex in exs if not kept.get(ex["id"]) and ex["id"] in queries],
+            fb = self.fallback.answers.get(task, "") if label is None else _most_common([v[1] for v in targets.values()])
+            closest = self._closest_in_composition(targets, [ex for ex in exs if not kept.get(ex["id"]) and ex["id"] in queries],
                                                    queries) if self.no_hit_fallback == "composition" else {}
             for ex in exs:
                 hits = kept.get(ex["id"])
@@ -292,13 +295,22 @@ class Retrieval:
                     out[ex["id"]] = self._answer(task, hits, targets)
         return [out[ex["id"]] for ex in examples]
 
-    def _closest_in_composition(self, task: str, exs: list[dict], queries: dict[str, str]) -> dict[str, str]:
-        """`{test id: training id}`: the task's training protein most similar in composition (itself excluded)."""
+    def _groups(self, examples: list[dict]) -> dict[tuple[str, str | None], list[dict]]:
+        """Examples by `(task, label)`: the label of a yes/no question whose training rows carry labels, else None."""
+        groups: dict[tuple[str, str | None], list[dict]] = {}
+        for ex in examples:
+            label = _yes_no_label(ex.get("meta")) if ex["task"] == "yes_no" else None
+            if label is not None and not any(_yes_no_label(v[2]) == label for v in self.train.get("yes_no", {}).values()):
+                label = None  # no training row asks about it: every yes/no row is all there is
+            groups.setdefault((ex["task"], label), []).append(ex)
+        return groups
+
+    def _closest_in_composition(self, targets: dict, exs: list[dict], queries: dict[str, str]) -> dict[str, str]:
+        """`{test id: training id}`: the training protein of `targets` most similar in composition (itself excluded)."""
         import numpy as np
 
         from retrieval_protllm import composition_profiles
 
-        targets = self.train.get(task, {})
         if not exs or not targets:
             return {}
         target_ids = list(targets)
@@ -310,6 +322,17 @@ class Retrieval:
                 if ex["id"] in column:
                     similarity[row, column[ex["id"]]] = -np.inf
         return {ex["id"]: target_ids[int(np.argmax(similarity[row]))] for row, ex in enumerate(exs)}
+
+
+def _yes_no_label(meta) -> str | None:
+    """The label a yes/no row asks about (`meta.label`, lower case), or None."""
+    label = meta.get("label") if isinstance(meta, dict) else None
+    return str(label).strip().lower() if label else None
+
+
+def _most_common(answers: list[str]) -> str:
+    """The most frequent answer; ties go to the one seen first."""
+    return Counter(answers).most_common(1)[0][0] if answers else ""
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:

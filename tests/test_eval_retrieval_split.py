@@ -71,6 +71,35 @@ def test_retrieval_composition_answers_a_protein_without_homolog_from_its_closes
         Retrieval(train, fallback="kmer")
 
 
+def test_yes_no_retrieval_answers_from_training_rows_that_ask_the_same_question():
+    """A homolog's yes to "a hydrolase?" is no answer to "a kinase?": the same-label rows decide, and a label no
+    training row asks about falls back to every yes/no row."""
+    pytest.importorskip("pyswrd")
+    from tests.test_retrieval import LYSOZYME, MYOGLOBIN, UBIQUITIN, mutate
+
+    def row(i, sequence, label, answer):
+        return {"id": f"t{i}", "task": "yes_no", "proteins": [{"sequence": sequence}], "reference": answer,
+                "meta": {"label": label, "answer": answer}}
+
+    train = [row(0, LYSOZYME, "a hydrolase", "yes"), row(1, mutate(LYSOZYME, 0.3, 1), "a kinase", "no"),
+             row(2, MYOGLOBIN, "a kinase", "yes"), row(3, UBIQUITIN, "a kinase", "yes")]
+    query = mutate(LYSOZYME, 0.05, 2)
+    test = [{"id": "q_kinase", "task": "yes_no", "proteins": [{"sequence": query}], "meta": {"label": "A kinase"}},
+            {"id": "q_hydrolase", "task": "yes_no", "proteins": [{"sequence": query}], "meta": {"label": "a hydrolase"}},
+            {"id": "q_toxin", "task": "yes_no", "proteins": [{"sequence": query}], "meta": {"label": "a toxin"}}]
+    retrieval = Retrieval(train, combine=False)
+    assert retrieval.predict(test) == ["no", "yes", "yes"]  # the toxin question: no such rows, the top hit of all
+    assert retrieval.neighbour == {"q_kinase": "t1", "q_hydrolase": "t0", "q_toxin": "t0"}
+    blind = Retrieval([{**r, "meta": {}} for r in train], combine=False)
+    assert blind.predict(test[:1]) == ["yes"]  # without labels: the closest protein's answer to another question
+    # no homolog among the same-label rows: that question's most common answer, not the whole task's
+    far = [{"id": "q_far", "task": "yes_no", "proteins": [{"sequence": mutate(MYOGLOBIN, 0.9, 3)}],
+            "meta": {"label": "a hydrolase"}}]
+    more = [row(4, UBIQUITIN, "a hydrolase", "no"), row(5, UBIQUITIN[::-1], "a hydrolase", "no"),
+            row(6, MYOGLOBIN[::-1], "a kinase", "yes")]  # yes/no 4:3 over the task, 1:2 for "a hydrolase"
+    assert Retrieval(train + more).predict(far) == ["no"]
+
+
 @pytest.mark.skipif(shutil.which("mmseqs") is None, reason="mmseqs2 not installed")
 def test_split_temporal_swaps_ec_and_reaction_to_the_temporal_sets(tmp_path, repo_root, capsys):
     ec_dir = require_shared_data() / "ec"
