@@ -23,6 +23,11 @@ Fallback (`"fallback": "composition"` in the config): a protein with no homolog 
 marked `"method": "composition"` and rendered as such. Below the twilight zone of alignment, composition still
 separates protein classes (membrane, ribosomal, secreted, disordered); on the demo's test proteins (<=30% identity
 to training, most with no homolog) it raised copied-answer ROUGE-L on reactions from 0.199 to 0.273 (eval/README.md).
+
+Per field (`"per_field": true`): the `k` closest proteins are found for each annotation field separately, among the
+proteins that carry it (homology first, then the fallback), and each shows only that field; a protein chosen for two
+fields is listed once with both. The question then always has a neighbour carrying its kind of answer: a database
+that mixes sources (names from one, EC numbers from another) otherwise often offers a name to an EC question.
 """
 
 import json
@@ -115,12 +120,28 @@ def composition_profiles(sequences: list[str]) -> np.ndarray:
     return profiles / np.maximum(norms, 1e-12)
 
 
+def merge_field_neighbours(per_field: list[list[list[dict]]]) -> list[list[dict]]:
+    """Join per-field neighbour lists (`F` lists of `Q` lists) into `Q` lists, field by field: a protein found for
+    several fields appears once, where first found, with the annotations of all of them."""
+    merged: list[list[dict]] = [[] for _ in (per_field[0] if per_field else [])]
+    for field_lists in per_field:
+        for row, neighbours in zip(merged, field_lists):
+            for neighbour in neighbours:
+                known = next((n for n in row if n["id"] == neighbour["id"]), None)
+                if known is None:
+                    row.append({**neighbour, "annotations": dict(neighbour["annotations"])})
+                else:
+                    known["annotations"].update(neighbour["annotations"])
+    return merged
+
+
 class RetrievalDatabase:
     """Known proteins with annotations, searched by homology (and, optionally, by composition when none is found).
 
     Args:
         entries: dicts `{"id", "sequence", "annotations": {field: text}}` (+ optional `cluster`, `source`); ids unique.
-        config: search and rendering settings (`k`, `max_evalue`, `max_annotation_chars`, `threads`, `fallback`) and
+        config: search and rendering settings (`k`, `max_evalue`, `max_annotation_chars`, `threads`, `fallback`,
+            `per_field`) and
             facts for the card (`sources`, `training`), saved to `retrieval_config.json`.
     """
 
@@ -136,12 +157,15 @@ class RetrievalDatabase:
             seen.add(entry["id"])
         if self.config.get("fallback") not in FALLBACKS:
             raise RetrievalError(f"retrieval config: fallback must be one of {FALLBACKS}, got {self.config['fallback']!r}")
+        if not isinstance(self.config.get("per_field", False), bool):
+            raise RetrievalError(f"retrieval config: per_field must be true or false, got {self.config['per_field']!r}")
         self.entries = list(entries)
         self._targets = None
         self._profiles = None  # composition profiles of the entries, computed on the first fallback
         # Search results per (query, settings): an exhaustive Smith-Waterman search costs ~0.1-0.3 s of CPU per query
         # on a few thousand proteins, and evaluation asks again for the same proteins (the shuffled control).
         self._found: dict[tuple, list[dict]] = {}
+        self._field_views: dict[str, "RetrievalDatabase"] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -206,9 +230,25 @@ class RetrievalDatabase:
 
     # ----- search ----------------------------------------------------------------------------------------
 
+    def field_views(self) -> dict[str, "RetrievalDatabase"]:
+        """`{field: database of the proteins carrying it, each with that one annotation}`, in prompt order."""
+        if self._field_views is None:
+            config = {**self.config, "per_field": False}
+            counts = self.field_counts()
+            fields = [f for f in FIELD_LABELS if f in counts] + [f for f in counts if f not in FIELD_LABELS]
+            self._field_views = {
+                field: RetrievalDatabase([{**entry, "annotations": {field: entry["annotations"][field]}}
+                                          for entry in self.entries if field in (entry.get("annotations") or {})], config)
+                for field in fields}
+        return self._field_views
+
     def find(self, sequences: list[str], k: int | None = None) -> list[list[dict]]:
         """What the prompt shows: `search`, then `composition_neighbours` for queries with no homolog when the config
-        has `"fallback": "composition"`. Returns `Q` lists of neighbours (see those two methods)."""
+        has `"fallback": "composition"`; with `"per_field": true`, that for each field's view (`field_views`), merged
+        by `merge_field_neighbours`. Returns `Q` lists of neighbours (see `search` and `composition_neighbours`)."""
+        if self.config.get("per_field"):
+            views = self.field_views().values()
+            return merge_field_neighbours([view.find(sequences, k=k) for view in views]) if views else [[] for _ in sequences]
         found = self.search(sequences, k=k)
         if self.config.get("fallback") == "composition":
             empty = [i for i, neighbours in enumerate(found) if not neighbours]

@@ -107,6 +107,37 @@ def test_composition_fallback_in_training_keeps_the_exclusions():
                                               exclude_same_cluster=True)[0]] == ["other"]
 
 
+def test_per_field_gives_each_field_its_own_closest_protein():
+    """`per_field`: a lysozyme query gets the closest protein with a name (a homolog) and, though no homolog carries
+    an EC number, the closest with one by composition; each neighbour shows only the field it was found for, and a
+    protein found for two fields is listed once with both."""
+    entries = [
+        {"id": "named", "sequence": mutate(LYSOZYME, 0.3, 5), "annotations": {"protein_name": "Lysozyme C",
+                                                                             "function_text": "Lyses walls."}},
+        {"id": "enzyme", "sequence": residue_shuffled(LYSOZYME, 1),
+         "annotations": {"ec_number": "3.2.1.17", "reaction": "A = B", "protein_name": "Unrelated"}},
+        {"id": "other", "sequence": UBIQUITIN, "annotations": {"ec_number": "9.9.9.9", "function_text": "Tags."}},
+    ]
+    config = {"k": 1, "threads": 1, "fallback": "composition"}
+    plain, per_field = RetrievalDatabase(entries, config), RetrievalDatabase(entries, {**config, "per_field": True})
+    assert [n["id"] for n in plain.find([LYSOZYME])[0]] == ["named"]  # no EC number in the prompt
+    found = per_field.find([LYSOZYME])[0]
+    assert [(n["id"], n.get("method")) for n in found] == [("named", None), ("enzyme", "composition")]
+    assert found[0]["annotations"] == {"protein_name": "Lysozyme C", "function_text": "Lyses walls."}
+    assert found[1]["annotations"] == {"ec_number": "3.2.1.17", "reaction": "A = B"}  # not its name: "named" is closer
+    assert list(per_field.field_views()) == ["protein_name", "ec_number", "reaction", "function_text"]
+    # training: the protein itself is excluded from every field's view, and its cluster mates too
+    training = search_excluding(per_field, [LYSOZYME], exclude=["named"])[0]
+    assert "named" not in [n["id"] for n in training] and {"protein_name", "ec_number"} <= {
+        field for n in training for field in n["annotations"]}
+    per_field.entries[1]["cluster"] = per_field.entries[0]["cluster"] = "c1"
+    per_field._field_views = None
+    clustered = search_excluding(per_field, [LYSOZYME], exclude=["named"], exclude_same_cluster=True)[0]
+    assert [n["id"] for n in clustered] == ["other"] and set(clustered[0]["annotations"]) == {"ec_number", "function_text"}
+    with pytest.raises(RetrievalError, match="per_field must be true or false"):
+        RetrievalDatabase(entries, {"per_field": "yes"})
+
+
 def test_records_merge_into_one_entry_per_protein_and_a_conflicting_sequence_is_named():
     db = database_from_records([
         {"id": "P1", "sequence": LYSOZYME.lower(), "field": "protein_name", "text": " Lysozyme C "},
@@ -350,6 +381,7 @@ def test_no_retrieval_tells_the_model_nothing_is_known(folder_with_database):
     ({"exclusion": "none"}, "leave_one_out or cluster"),
     ({"train_rows": -5}, "model.retrieval.train_rows` must be a positive integer"),
     ({"fallback": "kmer"}, "model.retrieval.fallback` must be composition or absent"),
+    ({"per_field": "yes"}, "model.retrieval.per_field` must be true or false"),
 ])
 def test_recipe_retrieval_keys_are_checked(retrieval, message):
     pytest.importorskip("trl")

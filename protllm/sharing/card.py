@@ -491,6 +491,10 @@ def retrieval_section(folder) -> str | None:
         f"- **Search**: {config.get('tool', 'not recorded')}; top {config.get('k')} neighbours with E-value <= {config.get('max_evalue')}, "
         "rendered into the prompt next to the protein tokens (the encoder path stays).",
     ]
+    if config.get("per_field"):
+        lines.append(f"- **Per field**: the top {config.get('k')} are found for each annotation field among the proteins "
+                     "that carry it, and each shows that field, so every kind of question has a neighbour with its kind "
+                     "of answer.")
     if config.get("fallback") == "composition":
         closest = "the protein closest" if config.get("k") == 1 else f"the {config.get('k')} proteins closest"
         verb = "is" if config.get("k") == 1 else "are"

@@ -24,7 +24,7 @@ LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 MOE_KEYS = {"num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"}
 LOSS_WEIGHT_KEYS = {"mlm", "contrastive", "denoise"}
 RETRIEVAL_KEYS = {"k", "max_identity", "exclusion", "max_evalue", "max_annotation_chars", "fields", "threads", "fallback",
-                  "train_rows"}
+                  "per_field", "train_rows"}
 EVALUATE_KEYS = {"data", "train", "baselines", "shuffled_proteins", "no_retrieval", "batch_size", "max_new_tokens",
                  "bootstrap", "flags", "limit", "examples", "tasks", "split"}
 
@@ -127,6 +127,8 @@ def _check_retrieval(spec, path) -> None:
 
     if spec.get("fallback") not in FALLBACKS:
         raise RecipeError(f"{path}: `model.retrieval.fallback` must be composition or absent, got {spec['fallback']!r}")
+    if not isinstance(spec.get("per_field", False), bool):
+        raise RecipeError(f"{path}: `model.retrieval.per_field` must be true or false, got {spec['per_field']!r}")
     rows = spec.get("train_rows")
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
         raise RecipeError(f"{path}: `model.retrieval.train_rows` must be a positive integer, got {rows!r}")

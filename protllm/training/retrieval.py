@@ -10,6 +10,7 @@ Recipe switch (`model.retrieval:`; keys checked by `recipe.py`):
         max_evalue: 0.01
         max_annotation_chars: 160
         fallback: composition     # optional: a protein with no homolog gets its closest proteins in composition
+        per_field: true           # optional: the k closest proteins for each field, each showing that field
         fields: [protein_name, function_text, ec_number, reaction]   # the tasks whose answers annotate a protein
         train_rows: 800           # optional: train on a seeded sample of this many rows (the database keeps all)
 
@@ -22,7 +23,8 @@ cluster), and every neighbour above `max_identity`: the model learns to use dist
 identical one. Each user message gets a neighbours block after each protein, empty ("none found") when nothing
 passes, so training prompts look exactly like inference prompts. With `fallback: composition`, a protein left without
 neighbours gets its closest database proteins in composition instead, under the same exclusions: never itself, its
-cluster, or any homolog the search found (E <= max_evalue) above `max_identity`.
+cluster, or any homolog the search found (E <= max_evalue) above `max_identity`. With `per_field: true` all of this
+runs for each field's view of the database (`RetrievalDatabase.field_views`), with the exclusions of the whole one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 
-from retrieval_protllm import RetrievalDatabase, RetrievalError
+from retrieval_protllm import RetrievalDatabase, RetrievalError, merge_field_neighbours
 
 logger = logging.getLogger("protllm.train")
 
@@ -110,6 +112,16 @@ def search_excluding(database: RetrievalDatabase, sequences: list[str], exclude:
         ids = {item} if isinstance(item, str) else set(item or ())
         clusters = {cluster_of.get(i) for i in ids} - {None} if exclude_same_cluster else set()
         excluded.append(ids | {i for i, c in cluster_of.items() if c in clusters})
+    if database.config.get("per_field"):
+        views = database.field_views().values()
+        return merge_field_neighbours([_search_without(view, sequences, excluded, k, max_identity) for view in views]) \
+            if views else [[] for _ in sequences]
+    return _search_without(database, sequences, excluded, k, max_identity)
+
+
+def _search_without(database: RetrievalDatabase, sequences: list[str], excluded: list[set], k: int,
+                    max_identity: float | None) -> list[list[dict]]:
+    """`search_excluding` once the excluded ids of each query are known (cluster mates included)."""
     # Over-fetch, so that k remain after the exclusions and the identity cap.
     fetch = k + max((len(ids) for ids in excluded), default=0) + (50 if max_identity is not None else 0)
     found = database.search(sequences, k=fetch)
@@ -134,6 +146,7 @@ def build_database(rows, spec: dict, sources: list[str]) -> RetrievalDatabase:
     fields = tuple(spec.get("fields") or DEFAULT_FIELDS)
     config = {"k": spec.get("k", 3), "max_evalue": spec.get("max_evalue", 0.01),
               "max_annotation_chars": spec.get("max_annotation_chars", 160), "fallback": spec.get("fallback"),
+              "per_field": bool(spec.get("per_field", False)),
               "sources": list(sources),
               "training": {"max_identity": spec.get("max_identity", 0.3),
                            "exclusion": spec.get("exclusion", "leave_one_out")}}
