@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--limit", type=int, default=None, help="first N examples per task")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--max_new_tokens", default="128",
+                    help="generation limit: N, or N plus per-task limits, e.g. 32,yes_no=4,protein_name=16")
     ap.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (seeded)")
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--top_p", type=float, default=None)

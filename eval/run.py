@@ -102,6 +102,37 @@ def _identity_bins(exs, train_examples, task, threads, sensitivity, retrieval_se
     return best, tool
 
 
+def generation_limits(max_new_tokens) -> tuple[int, dict[str, int]]:
+    """`(default, {task: limit})` from an int, a mapping `{"default": n, task: n}` or the CLI's `"32,yes_no=4"`.
+
+    Short answers (yes/no, names, EC numbers) need few tokens; one row that rambles keeps its whole batch
+    decoding up to the limit, so a per-task limit is what makes an evaluation cheaper. Unknown tasks are errors.
+    """
+    from .data import TASKS
+
+    if isinstance(max_new_tokens, str):
+        parts = [p.strip() for p in max_new_tokens.split(",") if p.strip()]
+        limits: dict = {}
+        for part in parts:
+            key, _, value = part.rpartition("=")
+            limits[key or "default"] = value
+        max_new_tokens = limits
+    if not isinstance(max_new_tokens, dict):
+        max_new_tokens = {"default": max_new_tokens}
+    out = {}
+    for key, value in max_new_tokens.items():
+        if key != "default" and key not in TASKS:
+            raise ValueError(f"max_new_tokens: unknown task {key!r} (tasks: {', '.join(TASKS)})")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1 or isinstance(value, bool) or isinstance(value, float) and value != number:
+            raise ValueError(f"max_new_tokens: {key} must be a positive integer, got {value!r}")
+        out[key] = number
+    return out.pop("default", 128), out
+
+
 def run_evaluation(
     data,
     predictors: list[str],
@@ -116,7 +147,7 @@ def run_evaluation(
     seed: int = 0,
     limit: int | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | dict | str = 128,
     do_sample: bool = False,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -145,7 +176,7 @@ def run_evaluation(
 
     Returns the `metrics.json` payload: `{"header": {...}, "tasks": {task: {"predictors": {name: {"metrics":
     {metric: {"value", "ci_low", "ci_high"}}, "primary", "counts", ...}}, "family", "n"}}}`.
-    `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
+    `max_new_tokens`: an int, or per task (`{"default": 32, "yes_no": 4}`, see `generation_limits`). `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
     before the model, so before its retrieval too); `no_retrieval` adds `<model>+no_retrieval` (the prompt says no
     similar protein is known: the encoder path alone). `retrieval_k` / `retrieval_text` set the `retrieval`
     predictor (top-k neighbours; free text by 'top1' or 'medoid'); `retrieval_search` its search ("auto": exhaustive
@@ -161,6 +192,7 @@ def run_evaluation(
 
     t0 = time.time()
     out = Path(out)
+    max_new_tokens, task_token_limits = generation_limits(max_new_tokens)
     # Inputs are checked before anything is written: a typo in a path must not leave an empty output folder behind.
     temporal = split == "temporal"
     if temporal:
@@ -304,6 +336,9 @@ def run_evaluation(
         predictions[name] = {}
         scorers = {}  # predictor name -> its TaskScorer on this task's rows (scores, and pairs of them)
         for p, bs in runs:
+            model = getattr(p, "inner", p)  # the shuffled-protein control generates with its model
+            if isinstance(model, ModelPredictor):
+                model.max_new_tokens = task_token_limits.get(name, max_new_tokens)
             path = out / "predictions" / name / f"{p.name}.jsonl"
             preds = run_generation(p, exs, path, batch_size=bs, progress=progress)
             extra = {}
@@ -350,6 +385,7 @@ def run_evaluation(
         "temporal_train": str(temporal_train) if temporal else None, "go_obo": None if go_obo is None else str(go_obo),
         "train_split": train_split or ("train" if train and _same_file(train, data) else None),
         "holdout": holdout, "seed": seed, "bootstrap": bootstrap,
+        "max_new_tokens": {"default": max_new_tokens, **task_token_limits} if task_token_limits else max_new_tokens,
         "data_stats": data_stats, "n_train": len(train_examples) if train_examples else None,
         "identity": None if not identities else (
             "max identity over the alignment to any training protein of the task (" + ", ".join(sorted(

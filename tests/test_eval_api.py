@@ -92,3 +92,70 @@ def test_no_examples_is_an_error_naming_the_file(tmp_path):
     data = _write(tmp_path / "d.jsonl", [{"accession": "Q1", "sequence": UBIQUITIN, "description": "x", "split": "train"}])
     with pytest.raises(ValueError, match=r"no examples .*d\.jsonl"):
         run_evaluation(data, ["most_common"], tmp_path / "out", split="test", train=data)
+
+
+def _chat_row(row_id, task, sequence, question, answer):
+    return {"id": row_id, "task": task, "answer": answer, "proteins": [{"accession": row_id, "sequence": sequence}],
+            "messages": [{"role": "user", "content": [{"type": "protein", "sequence": sequence},
+                                                      {"type": "text", "text": question}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+def test_per_task_generation_limits_reach_the_model_and_its_controls(tmp_path):
+    """`--max_new_tokens 6,yes_no=1`: yes/no rows decode one token (the model and its shuffled / no-retrieval twins),
+    names up to six; the limits are recorded; an unknown task or a bad number is refused by name."""
+    pytest.importorskip("torch")
+    from eval.__main__ import main
+    from eval.run import generation_limits
+    from protllm.model_folder import save_model_folder
+    from protllm.testing import build_tiny_protllm
+    from retrieval_protllm import RetrievalDatabase
+
+    assert generation_limits(24) == (24, {}) and generation_limits("24,yes_no=4") == (24, {"yes_no": 4})
+    assert generation_limits({"default": 16, "reaction": 48}) == (16, {"reaction": 48})
+    with pytest.raises(ValueError, match="unknown task 'yesno'"):
+        generation_limits("24,yesno=4")
+    with pytest.raises(ValueError, match="yes_no must be a positive integer, got '0'"):
+        generation_limits("24,yes_no=0")
+
+    model, processor = build_tiny_protllm("llama", seed=0)
+    processor.retrieval_database = RetrievalDatabase(
+        [{"id": "T1", "sequence": LYSOZYME, "annotations": {"protein_name": "Lysozyme C"}}])
+    folder = save_model_folder(model, processor, tmp_path / "model")
+    test = _write(tmp_path / "test.jsonl", [
+        _chat_row("Q1", "yes_no", LYSOZYME[2:], "Is this protein a hydrolase? Answer yes or no.", "yes"),
+        _chat_row("Q2", "yes_no", UBIQUITIN, "Is this protein a kinase? Answer yes or no.", "no"),
+        _chat_row("Q3", "protein_name", LYSOZYME[4:], "What is the name of this protein?", "Lysozyme C"),
+        _chat_row("Q4", "protein_name", UBIQUITIN[3:], "What is the name of this protein?", "Ubiquitin")])
+    def run(out, limits):
+        assert main(["--data", str(test), "--predictor", str(folder), "--shuffled_proteins", "--no_retrieval",
+                     "--out", str(out), "--max_new_tokens", limits, "--batch_size", "2", "--bootstrap", "10",
+                     "--no_meteor", "--no_identity", "--no_progress"]) == 0
+
+    def answers(out, task, name):
+        path = out / "predictions" / task / f"{name}.jsonl"
+        settings = json.loads(path.with_name(path.name + ".settings.json").read_text())
+        limit = settings.get("inner", settings)["max_new_tokens"]  # the shuffled control records its model's
+        return limit, {row["id"]: row["prediction"] for row in map(json.loads, path.read_text().splitlines())}
+
+    run(tmp_path / "six", "6")
+    run(tmp_path / "limited", "6,yes_no=1")
+    for name in ("model", "model+shuffled_proteins", "model+no_retrieval"):
+        assert answers(tmp_path / "limited", "protein_name", name) == answers(tmp_path / "six", "protein_name", name)
+        (short_limit, short), (long_limit, long) = (answers(tmp_path / d, "yes_no", name) for d in ("limited", "six"))
+        assert (short_limit, long_limit) == (1, 6)
+        # greedy decoding: one token is the start of the six-token answer (this random tiny model never stops early)
+        assert all(long[i].startswith(short[i].strip()) and len(short[i]) < len(long[i]) for i in long), (short, long)
+    header = json.loads((tmp_path / "limited" / "metrics.json").read_text())["header"]
+    assert header["max_new_tokens"] == {"default": 6, "yes_no": 1}
+
+
+def test_recipe_refuses_a_bad_generation_limit_before_training():
+    pytest.importorskip("trl")
+    from protllm.training.recipe import RecipeError, validate_recipe
+
+    recipe = {"model": {}, "stages": [{"name": "align"}], "evaluate": {"max_new_tokens": {"default": 24, "yes_no": 4}}}
+    validate_recipe(recipe, "demo.yaml")
+    recipe["evaluate"]["max_new_tokens"]["name"] = 8
+    with pytest.raises(RecipeError, match=r"demo.yaml: `evaluate.max_new_tokens: unknown task 'name'"):
+        validate_recipe(recipe, "demo.yaml")
