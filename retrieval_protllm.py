@@ -61,6 +61,11 @@ class RetrievalError(ValueError):
     """A retrieval database or neighbour list that cannot be used; the message names the entry or field."""
 
 
+def _in_prompt_order(fields) -> list[str]:
+    """`fields` in the order the prompt shows them: those of FIELD_LABELS first, in its order, then the rest."""
+    return [field for field in FIELD_LABELS if field in fields] + [field for field in fields if field not in FIELD_LABELS]
+
+
 def _format_neighbour(neighbour: dict, max_annotation_chars: int) -> str:
     # One line per neighbour, short fields first and no list numbers or E-values: a small LLM copies an EC number
     # or a name from this line, and "1." or "E=5e-14" next to it were copied into its answers.
@@ -70,8 +75,7 @@ def _format_neighbour(neighbour: dict, max_annotation_chars: int) -> str:
     else:
         facts = [f"{100 * float(identity):.0f}% identity" if identity is not None else "similar protein"]
     annotations = neighbour.get("annotations") or {}
-    ordered = [field for field in FIELD_LABELS if field in annotations] + [f for f in annotations if f not in FIELD_LABELS]
-    for field in ordered:
+    for field in _in_prompt_order(annotations):
         text = " ".join(str(annotations[field]).split())
         if not text:
             continue
@@ -120,10 +124,10 @@ def composition_profiles(sequences: list[str]) -> np.ndarray:
     return profiles / np.maximum(norms, 1e-12)
 
 
-def merge_field_neighbours(per_field: list[list[list[dict]]]) -> list[list[dict]]:
-    """Join per-field neighbour lists (`F` lists of `Q` lists) into `Q` lists, field by field: a protein found for
-    several fields appears once, where first found, with the annotations of all of them."""
-    merged: list[list[dict]] = [[] for _ in (per_field[0] if per_field else [])]
+def merge_field_neighbours(per_field: list[list[list[dict]]], n_queries: int) -> list[list[dict]]:
+    """Join per-field neighbour lists (`F` lists of `Q` lists) into `Q = n_queries` lists, field by field: a protein
+    found for several fields appears once, where first found, with the annotations of all of them."""
+    merged: list[list[dict]] = [[] for _ in range(n_queries)]
     for field_lists in per_field:
         for row, neighbours in zip(merged, field_lists):
             for neighbour in neighbours:
@@ -234,12 +238,10 @@ class RetrievalDatabase:
         """`{field: database of the proteins carrying it, each with that one annotation}`, in prompt order."""
         if self._field_views is None:
             config = {**self.config, "per_field": False}
-            counts = self.field_counts()
-            fields = [f for f in FIELD_LABELS if f in counts] + [f for f in counts if f not in FIELD_LABELS]
             self._field_views = {
                 field: RetrievalDatabase([{**entry, "annotations": {field: entry["annotations"][field]}}
                                           for entry in self.entries if field in (entry.get("annotations") or {})], config)
-                for field in fields}
+                for field in _in_prompt_order(self.field_counts())}
         return self._field_views
 
     def find(self, sequences: list[str], k: int | None = None) -> list[list[dict]]:
@@ -247,8 +249,7 @@ class RetrievalDatabase:
         has `"fallback": "composition"`; with `"per_field": true`, that for each field's view (`field_views`), merged
         by `merge_field_neighbours`. Returns `Q` lists of neighbours (see `search` and `composition_neighbours`)."""
         if self.config.get("per_field"):
-            views = self.field_views().values()
-            return merge_field_neighbours([view.find(sequences, k=k) for view in views]) if views else [[] for _ in sequences]
+            return merge_field_neighbours([view.find(sequences, k=k) for view in self.field_views().values()], len(sequences))
         found = self.search(sequences, k=k)
         if self.config.get("fallback") == "composition":
             empty = [i for i, neighbours in enumerate(found) if not neighbours]

@@ -298,9 +298,10 @@ class Retrieval:
     def _groups(self, examples: list[dict]) -> dict[tuple[str, str | None], list[dict]]:
         """Examples by `(task, label)`: the label of a yes/no question whose training rows carry labels, else None."""
         groups: dict[tuple[str, str | None], list[dict]] = {}
+        trained = {_yes_no_label(meta) for _, _, meta in self.train.get("yes_no", {}).values()}
         for ex in examples:
             label = _yes_no_label(ex.get("meta")) if ex["task"] == "yes_no" else None
-            if label is not None and not any(_yes_no_label(v[2]) == label for v in self.train.get("yes_no", {}).values()):
+            if label not in trained:
                 label = None  # no training row asks about it: every yes/no row is all there is
             groups.setdefault((ex["task"], label), []).append(ex)
         return groups

@@ -176,7 +176,8 @@ def run_evaluation(
 
     Returns the `metrics.json` payload: `{"header": {...}, "tasks": {task: {"predictors": {name: {"metrics":
     {metric: {"value", "ci_low", "ci_high"}}, "primary", "counts", ...}}, "family", "n"}}}`.
-    `max_new_tokens`: an int, or per task (`{"default": 32, "yes_no": 4}`, see `generation_limits`). `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
+    `max_new_tokens`: an int, or per task (`{"default": 32, "yes_no": 4}`, see `generation_limits`).
+    `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
     before the model, so before its retrieval too); `no_retrieval` adds `<model>+no_retrieval` (the prompt says no
     similar protein is known: the encoder path alone). `retrieval_k` / `retrieval_text` set the `retrieval`
     predictor (top-k neighbours; free text by 'top1' or 'medoid'); `retrieval_search` its search ("auto": exhaustive

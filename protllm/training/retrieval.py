@@ -113,9 +113,8 @@ def search_excluding(database: RetrievalDatabase, sequences: list[str], exclude:
         clusters = {cluster_of.get(i) for i in ids} - {None} if exclude_same_cluster else set()
         excluded.append(ids | {i for i, c in cluster_of.items() if c in clusters})
     if database.config.get("per_field"):
-        views = database.field_views().values()
-        return merge_field_neighbours([_search_without(view, sequences, excluded, k, max_identity) for view in views]) \
-            if views else [[] for _ in sequences]
+        return merge_field_neighbours([_search_without(view, sequences, excluded, k, max_identity)
+                                       for view in database.field_views().values()], len(sequences))
     return _search_without(database, sequences, excluded, k, max_identity)
 
 
