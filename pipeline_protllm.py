@@ -13,7 +13,9 @@ path, read by the processor of a model that reads structures; a sequence model's
 protein), optional `chain` and `question` (or `proteins`, a list of such protein dicts, for several proteins in one
 question); a chat (a list of `{"role", "content"}` messages whose content holds `{"type": "protein", ...}` and
 `{"type": "text", ...}` blocks), answered as text-generation pipelines answer chats (the conversation with the
-assistant's reply appended); or a list of any of these. Decoding is greedy unless `do_sample=True` is passed;
+assistant's reply appended); or a list of any of these. `retrieval_field="ec_number"` (a call argument) shows, for a
+model with a retrieval database, the closest proteins that carry that field. Decoding is greedy unless `do_sample=True`
+is passed;
 other keyword arguments are generation parameters (`max_new_tokens`, ...). Batches are left padded, so a batched
 answer equals the one-at-a-time answer.
 
@@ -124,9 +126,11 @@ class ProteinFunctionPipeline(Pipeline):
         self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt", padding=True)
 
-    def _sanitize_parameters(self, question=None, generate_kwargs=None, **kwargs):
+    def _sanitize_parameters(self, question=None, generate_kwargs=None, retrieval_field=None, **kwargs):
         preprocess = {} if question is None else {"question": question}
         forward = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
+        if retrieval_field is not None:
+            forward["retrieval_field"] = retrieval_field
         return preprocess, forward, {}
 
     def preprocess(self, inputs, question=None):
@@ -148,7 +152,7 @@ class ProteinFunctionPipeline(Pipeline):
         model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
         return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
 
-    def _forward(self, model_inputs, generate_kwargs=None):
+    def _forward(self, model_inputs, generate_kwargs=None, retrieval_field=None):
         generate_kwargs = dict(generate_kwargs or {})
         user_set = {**getattr(self, "_generate_kwargs", {}), **generate_kwargs}
         overrides = {} if ("do_sample" in user_set or "generation_config" in user_set) else {"do_sample": False}
@@ -156,6 +160,7 @@ class ProteinFunctionPipeline(Pipeline):
         inputs = self.processor.apply_chat_template(
             model_inputs["conversation"], add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", padding=True, padding_side="left",
+            **({"retrieval_field": retrieval_field} if retrieval_field is not None else {}),
         )
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         generated = self.model.generate(**inputs, **generate_kwargs)

@@ -572,6 +572,7 @@ class ProtLLMProcessor(ProcessorMixin):
         padding: bool | str = True,
         padding_side: str | None = None,
         retrieval: bool | None = None,
+        retrieval_field: str | list | None = None,
         **kwargs,
     ):
         """Render (and optionally tokenize) one conversation or a batch of them.
@@ -584,13 +585,17 @@ class ProtLLMProcessor(ProcessorMixin):
         only ones training learns from).
         `retrieval`: None (default) adds the retrieval database's neighbours after each protein when the processor
         has one (a message holding a neighbours block is kept as given); False never; True requires a database.
+        `retrieval_field`: neighbours among the database proteins that carry this annotation field (e.g. "ec_number"
+        for an EC question), or one such field (or None) per conversation; None: the closest proteins, whatever they
+        carry. `self.retrieval_database.field_for_task(task)` is the field a task was trained with.
         """
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
         if retrieval and self.retrieval_database is None:
             raise ValueError("retrieval=True but this processor has no retrieval database (the model folder has no retrieval/)")
         if retrieval is not False and self.retrieval_database is not None:
-            conversations = self.retrieval_database.augment([list(messages) for messages in conversations])
+            conversations = self.retrieval_database.augment([list(messages) for messages in conversations],
+                                                            field=retrieval_field)
         chat_template = self._template(chat_template)
         template_kwargs = {k: v for k, v in (("tools", tools), ("documents", documents)) if v is not None}
         template_kwargs.update(kwargs)

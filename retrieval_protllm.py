@@ -28,6 +28,11 @@ Per field (`"per_field": true`): the `k` closest proteins are found for each ann
 proteins that carry it (homology first, then the fallback), and each shows only that field; a protein chosen for two
 fields is listed once with both. The question then always has a neighbour carrying its kind of answer: a database
 that mixes sources (names from one, EC numbers from another) otherwise often offers a name to an EC question.
+
+By question (`retrieval_field=` in `ProtLLMProcessor.apply_chat_template`, one field or one per conversation): the
+`k` closest proteins among those carrying that field, each showing only it. `"task_fields": {task: field}` in the
+config records which field each training task was given (`python -m eval` passes it per task), so a model trained that
+way is asked the same way: an EC question sees the closest protein with an EC number, not the closest protein.
 """
 
 import json
@@ -145,8 +150,7 @@ class RetrievalDatabase:
     Args:
         entries: dicts `{"id", "sequence", "annotations": {field: text}}` (+ optional `cluster`, `source`); ids unique.
         config: search and rendering settings (`k`, `max_evalue`, `max_annotation_chars`, `threads`, `fallback`,
-            `per_field`) and
-            facts for the card (`sources`, `training`), saved to `retrieval_config.json`.
+            `per_field`, `task_fields`) and facts for the card (`sources`, `training`), saved to `retrieval_config.json`.
     """
 
     def __init__(self, entries: list[dict], config: dict | None = None):
@@ -163,6 +167,9 @@ class RetrievalDatabase:
             raise RetrievalError(f"retrieval config: fallback must be one of {FALLBACKS}, got {self.config['fallback']!r}")
         if not isinstance(self.config.get("per_field", False), bool):
             raise RetrievalError(f"retrieval config: per_field must be true or false, got {self.config['per_field']!r}")
+        task_fields = self.config.get("task_fields") or {}
+        if not isinstance(task_fields, dict) or not all(isinstance(t, str) and isinstance(f, str) for t, f in task_fields.items()):
+            raise RetrievalError(f"retrieval config: task_fields must map task names to field names, got {task_fields!r}")
         self.entries = list(entries)
         self._targets = None
         self._profiles = None  # composition profiles of the entries, computed on the first fallback
@@ -244,10 +251,25 @@ class RetrievalDatabase:
                 for field in _in_prompt_order(self.field_counts())}
         return self._field_views
 
-    def find(self, sequences: list[str], k: int | None = None) -> list[list[dict]]:
+    def field_view(self, field: str) -> "RetrievalDatabase":
+        """The proteins carrying `field`, each with that one annotation; an error names the fields there are."""
+        views = self.field_views()
+        if field not in views:
+            raise RetrievalError(f"retrieval field {field!r}: no database protein carries it "
+                                 f"(fields: {', '.join(views) or 'none'})")
+        return views[field]
+
+    def field_for_task(self, task: str | None) -> str | None:
+        """The field whose carriers answer questions of `task` (config `task_fields`), or None: the closest overall."""
+        return (self.config.get("task_fields") or {}).get(task)
+
+    def find(self, sequences: list[str], k: int | None = None, field: str | None = None) -> list[list[dict]]:
         """What the prompt shows: `search`, then `composition_neighbours` for queries with no homolog when the config
         has `"fallback": "composition"`; with `"per_field": true`, that for each field's view (`field_views`), merged
-        by `merge_field_neighbours`. Returns `Q` lists of neighbours (see `search` and `composition_neighbours`)."""
+        by `merge_field_neighbours`; with `field`, that in the view of `field` alone. Returns `Q` lists of neighbours
+        (see `search` and `composition_neighbours`)."""
+        if field is not None:
+            return self.field_view(field).find(sequences, k=k)
         if self.config.get("per_field"):
             return merge_field_neighbours([view.find(sequences, k=k) for view in self.field_views().values()], len(sequences))
         found = self.search(sequences, k=k)
@@ -329,11 +351,15 @@ class RetrievalDatabase:
         return {"type": "neighbours", "neighbours": neighbours,
                 "text": render_neighbours(neighbours, self.config["max_annotation_chars"])}
 
-    def augment(self, conversations: list[list[dict]]) -> list[list[dict]]:
+    def augment(self, conversations: list[list[dict]], field: str | list | None = None) -> list[list[dict]]:
         """Copies of `conversations` with a neighbours block after every protein block of a message that has none.
 
-        All proteins of the batch are searched in one call. Messages with any neighbours block are left as given.
+        `field`: None (the closest proteins), a field name, or one of these per conversation (see `find`). All proteins
+        asking for one field are searched in one call. Messages with any neighbours block are left as given.
         """
+        fields = list(field) if isinstance(field, (list, tuple)) else [field] * len(conversations)
+        if len(fields) != len(conversations):
+            raise RetrievalError(f"{len(fields)} retrieval fields for {len(conversations)} conversations")
         todo = []  # (conversation, message, block position, sequence)
         for c, messages in enumerate(conversations):
             for m, message in enumerate(messages):
@@ -347,7 +373,11 @@ class RetrievalDatabase:
                         todo.append((c, m, b, block["sequence"]))
         if not todo:
             return conversations
-        found = self.find([item[3] for item in todo])
+        found: list[list[dict]] = [[] for _ in todo]
+        for asked in dict.fromkeys(fields[item[0]] for item in todo):
+            rows = [i for i, item in enumerate(todo) if fields[item[0]] == asked]
+            for i, neighbours in zip(rows, self.find([todo[i][3] for i in rows], field=asked)):
+                found[i] = neighbours
         out = [[dict(message) for message in messages] for messages in conversations]
         inserts: dict[tuple[int, int], dict[int, dict]] = {}
         for (c, m, b, _), neighbours in zip(todo, found):

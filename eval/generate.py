@@ -288,7 +288,13 @@ class ModelPredictor:
         return {"model_dir": self.model_dir, "model_fingerprint": self._fingerprint, **self.generation_kwargs(),
                 "seed": self.seed if self.do_sample else None, "dtype": self.dtype, "padding_side": "left",
                 "retrieval": bool(self.retrieval and database is not None),
-                "retrieval_database_size": None if database is None else len(database)}
+                "retrieval_database_size": None if database is None else len(database),
+                "retrieval_task_fields": self._task_fields() if self.retrieval else None}
+
+    def _task_fields(self) -> dict:
+        """`{task: field}` the model's database was trained with (questions of a task see carriers of that field)."""
+        database = getattr(self._proc, "retrieval_database", None)
+        return dict((database.config.get("task_fields") or {}) if database is not None else {})
 
     def predict(self, examples):
         """Answers for ``examples``; a batch that runs out of memory is split in halves and retried (an example
@@ -316,9 +322,13 @@ class ModelPredictor:
         from protllm.model_classes import messages_for
 
         msgs = [messages_for(self._proc, m) for m in msgs]  # a sequence model: structure files -> sequences
+        # A model trained with task_fields is asked as it was trained: an EC question sees proteins with EC numbers.
+        task_fields = self._task_fields() if self.retrieval else {}
+        fields = [task_fields.get(ex.get("task")) for ex in examples]
+        field_kwargs = {"retrieval_field": fields} if any(fields) else {}
         with counted_crops() as crops:  # one line for cropped proteins, not one per protein
             inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                    return_tensors="pt", padding=True)
+                                                    return_tensors="pt", padding=True, **field_kwargs)
         if crops and not self.cropped_proteins:
             print(f"{self.name}: proteins longer than max_protein_length={getattr(self._proc, 'max_protein_length', '?')} "
                   "are cropped to it (counted, not listed)", file=sys.stderr)

@@ -138,6 +138,68 @@ def test_per_field_gives_each_field_its_own_closest_protein():
         RetrievalDatabase(entries, {"per_field": "yes"})
 
 
+def test_a_question_sees_the_closest_protein_that_carries_its_field():
+    """`retrieval_field` / `task_fields`: an EC question about lysozyme sees the closest protein with an EC number
+    (by composition: no homolog has one), showing only its EC number; a name question in the same batch sees the
+    closest protein. Training searches the same view under the same exclusions."""
+    entries = [
+        {"id": "named", "sequence": mutate(LYSOZYME, 0.3, 5), "annotations": {"protein_name": "Lysozyme C"}},
+        {"id": "enzyme", "sequence": residue_shuffled(LYSOZYME, 1),
+         "annotations": {"ec_number": "3.2.1.17", "protein_name": "Unrelated"}},
+        {"id": "other", "sequence": UBIQUITIN, "annotations": {"ec_number": "9.9.9.9"}},
+    ]
+    db = RetrievalDatabase(entries, {"k": 1, "threads": 1, "fallback": "composition",
+                                     "task_fields": {"ec_number": "ec_number", "yes_no": "protein_name"}})
+    assert db.field_for_task("ec_number") == "ec_number" and db.field_for_task("function_text") is None
+    assert [n["id"] for n in db.find([LYSOZYME])[0]] == ["named"]
+    found = db.find([LYSOZYME], field="ec_number")[0]
+    assert [(n["id"], n["method"], n["annotations"]) for n in found] == [("enzyme", "composition", {"ec_number": "3.2.1.17"})]
+    name_question, ec_question = db.augment([chat(LYSOZYME), chat(LYSOZYME, "Which EC number?")], field=[None, "ec_number"])
+    assert name_question[0]["content"][1]["text"].endswith("identity; name: Lysozyme C")
+    assert ec_question[0]["content"][1]["text"].endswith("- no homolog, similar composition; EC: 3.2.1.17")
+    assert db.augment([chat(LYSOZYME, "Which EC number?")], field="ec_number") == [ec_question]
+    # training: the protein itself (and its cluster) never comes back from its field's view
+    assert [n["id"] for n in search_excluding(db, [LYSOZYME], exclude=["enzyme"], field="ec_number")[0]] == ["other"]
+    db.entries[1]["cluster"] = db.entries[2]["cluster"] = "c1"
+    assert search_excluding(db, [LYSOZYME], exclude=["enzyme"], field="ec_number", exclude_same_cluster=True) == [[]]
+    with pytest.raises(RetrievalError, match="retrieval field 'go': no database protein carries it "
+                                             r"\(fields: protein_name, ec_number\)"):
+        db.find([LYSOZYME], field="go")
+    with pytest.raises(RetrievalError, match="2 retrieval fields for 1 conversations"):
+        db.augment([chat(LYSOZYME)], field=["ec_number", None])
+    with pytest.raises(RetrievalError, match="task_fields must map task names to field names"):
+        RetrievalDatabase(entries, {"task_fields": ["ec_number"]})
+
+
+def test_training_rows_of_a_listed_task_search_the_carriers_of_its_field():
+    """`task_fields` in training: lysozyme's EC row sees the closest *other* protein with an EC number, its name row the
+    closest protein (a homolog without one); the mapping is saved with the database for evaluation."""
+    datasets = pytest.importorskip("datasets")
+    from protllm.training.retrieval import add_neighbours, build_database
+
+    def row(accession, sequence, task, answer):
+        block = {"type": "protein", "sequence": sequence, "text": None, "chain": None, "structure": None}
+        text = {"type": "text", "sequence": None, "text": "Question?", "chain": None, "structure": None}
+        return {"id": f"{accession}|{task}", "task": task, "answer": answer, "meta": "{}",
+                "proteins": [{"accession": accession, "sequence": sequence}],
+                "messages": [{"role": "user", "content": [block, text]},
+                             {"role": "assistant", "content": [{**text, "text": answer}]}]}
+
+    rows = [row("L1", LYSOZYME, "protein_name", "Lysozyme C"), row("L1", LYSOZYME, "ec_number", "3.2.1.17"),
+            row("L2", mutate(LYSOZYME, 0.4, 5), "protein_name", "Lysozyme homolog"),
+            row("E1", residue_shuffled(LYSOZYME, 1), "ec_number", "3.2.1.99"), row("U1", UBIQUITIN, "protein_name", "Ubiquitin")]
+    spec = {"k": 1, "max_identity": 0.9, "fallback": "composition", "task_fields": {"ec_number": "ec_number"}}
+    dataset = datasets.Dataset.from_list(rows)
+    db = build_database(dataset, spec, ["test"])
+    augmented, stats = add_neighbours(dataset, db, spec)
+    texts = {r["id"]: r["messages"][0]["content"][1]["text"] for r in augmented}
+    assert texts["L1|protein_name"].endswith("identity; name: Lysozyme homolog")
+    assert texts["L1|ec_number"].endswith("- no homolog, similar composition; EC: 3.2.1.99")
+    assert texts["E1|ec_number"].endswith("; EC: 3.2.1.17") and "3.2.1.99" not in texts["E1|ec_number"]
+    assert stats["proteins"] == 5  # (field, protein) searches: L1, L2, U1 by any field; L1, E1 among EC carriers
+    assert db.config["task_fields"] == {"ec_number": "ec_number"}
+
+
 def test_records_merge_into_one_entry_per_protein_and_a_conflicting_sequence_is_named():
     db = database_from_records([
         {"id": "P1", "sequence": LYSOZYME.lower(), "field": "protein_name", "text": " Lysozyme C "},
@@ -294,11 +356,12 @@ def test_database_round_trip_through_auto_classes_in_a_clean_process(folder_with
         without = processor.apply_chat_template(query, add_generation_prompt=True, retrieval=False)
         query[0]["content"][0]["sequence"] = {residue_shuffled(MYOGLOBIN, 2)!r}  # no homolog in the database
         by_composition = processor.apply_chat_template(query, add_generation_prompt=True)
+        ec_carrier = processor.apply_chat_template(query, add_generation_prompt=True, retrieval_field="ec_number")
         inputs = processor.apply_chat_template(query, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                return_tensors="pt")
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         print(json.dumps({{"size": len(processor.retrieval_database), "with": with_db, "without": without,
-                          "by_composition": by_composition,
+                          "by_composition": by_composition, "ec_carrier": ec_carrier,
                           "protein_tokens": int((inputs["input_ids"] == processor.protein_token_id).sum()),
                           "new_tokens": generated.shape[1] - inputs["input_ids"].shape[1]}}))
     """, cwd=tmp_path)
@@ -307,6 +370,7 @@ def test_database_round_trip_through_auto_classes_in_a_clean_process(folder_with
     assert "name: Lysozyme C" in result["with"] and "EC: 3.2.1.17" in result["with"]
     assert "Lysozyme" not in result["without"] and "Similar proteins" not in result["without"]
     assert "- no homolog, similar composition; name: Myoglobin" in result["by_composition"]
+    assert "- no homolog, similar composition; EC: 3.2.1.17" in result["ec_carrier"]  # the one protein with an EC
     assert result["protein_tokens"] > 0 and result["new_tokens"] == 3  # protein tokens stay beside the neighbours
 
 
@@ -343,7 +407,8 @@ def _recording_predictor(folder, **kwargs):
     original = processor.apply_chat_template
 
     def recording(conversation, **kw):
-        prompts.extend(original(conversation, tokenize=False, add_generation_prompt=True))
+        asked = {key: kw[key] for key in ("retrieval", "retrieval_field") if key in kw}
+        prompts.extend(original(conversation, tokenize=False, add_generation_prompt=True, **asked))
         return original(conversation, **kw)
 
     processor.apply_chat_template = recording
@@ -374,6 +439,34 @@ def test_no_retrieval_tells_the_model_nothing_is_known(folder_with_database):
     assert bare.settings()["retrieval"] is False and predictor.settings()["retrieval_database_size"] == 3
 
 
+def test_evaluation_and_the_pipeline_ask_each_task_with_its_trained_field(folder_with_database):
+    """A database trained with `task_fields` is asked the same way: `python -m eval` passes each example's field (an EC
+    question about ubiquitin sees lysozyme, the only protein with an EC number; a name question sees ubiquitin), and
+    the pipeline takes `retrieval_field`; both match processor + generate."""
+    from pipeline_protllm import ProteinFunctionPipeline
+
+    examples = [{"id": "ubi-ec", "task": "ec_number", "question": "Which EC number?", "proteins": [{"sequence": UBIQUITIN}]},
+                {"id": "ubi-name", "task": "protein_name", "question": "Name this protein.", "proteins": [{"sequence": UBIQUITIN}]}]
+    predictor, prompts = _recording_predictor(folder_with_database)
+    predictor._load()
+    predictor._proc.retrieval_database.config["task_fields"] = {"ec_number": "ec_number"}
+    predictor.predict(examples)
+    assert "EC: 3.2.1.17" in prompts[-2] and "Ubiquitin" not in prompts[-2]
+    assert "name: Ubiquitin" in prompts[-1]
+    assert predictor.settings()["retrieval_task_fields"] == {"ec_number": "ec_number"}
+    assert predictor.without_retrieval().settings()["retrieval_task_fields"] is None
+
+    model, processor = predictor._model, predictor._proc
+    pipe = ProteinFunctionPipeline(model=model, processor=processor, device="cpu")
+    answer = pipe(UBIQUITIN, question="Which EC number?", retrieval_field="ec_number", max_new_tokens=3)
+    assert "EC: 3.2.1.17" in prompts[-1]
+    inputs = processor.apply_chat_template(chat(UBIQUITIN, "Which EC number?"), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt", retrieval_field="ec_number")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    assert answer == [{"generated_text": expected}]
+
+
 @pytest.mark.parametrize("retrieval, message", [
     ({"k": 2, "max_identiy": 0.3}, "model.retrieval.max_identiy`; did you mean `max_identity`"),
     ({"k": 0}, "model.retrieval.k` must be a positive integer"),
@@ -382,6 +475,8 @@ def test_no_retrieval_tells_the_model_nothing_is_known(folder_with_database):
     ({"train_rows": -5}, "model.retrieval.train_rows` must be a positive integer"),
     ({"fallback": "kmer"}, "model.retrieval.fallback` must be composition or absent"),
     ({"per_field": "yes"}, "model.retrieval.per_field` must be true or false"),
+    ({"task_fields": {"yes_no": "keyword"}}, r"model.retrieval.task_fields.yes_no` is 'keyword', not one of the database's"),
+    ({"task_fields": ["ec_number"]}, "model.retrieval.task_fields` must map task names to fields"),
 ])
 def test_recipe_retrieval_keys_are_checked(retrieval, message):
     pytest.importorskip("trl")

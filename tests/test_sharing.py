@@ -124,7 +124,7 @@ def test_push_uploads_weights_config_processor_code_and_card(shared):
 
 def test_uploaded_remote_code_is_the_model_only(shared):
     """Issue 12: the code a released sequence model uploads (pipeline included) stays under 2,150 lines (1,995 at the
-    issue's close, + the retrieval's composition fallback and per-field neighbours: 2,105) and holds no builder, converter or training code; the SEPIT
+    issue's close, + the retrieval's composition fallback, per-field and by-question neighbours: 2,146) and holds no builder, converter or training code; the SEPIT
     and ESM3 modules are not part of it."""
     folder, uploaded = shared
     code = {name: (folder / name).read_text() for name in uploaded["files"] if name.endswith(".py")}
@@ -400,6 +400,12 @@ def test_card_states_the_retrieval_database(copy_of):
     database.save(copy_of / "retrieval")
     card = sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=None).content
     assert "the top 3 are found for each annotation field among the proteins that carry it" in card
+    assert "By question" not in card
+    database.config["task_fields"] = {"ec_number": "ec_number", "yes_no": "protein_name"}
+    database.save(copy_of / "retrieval")
+    card = sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=None).content
+    assert "questions of a task saw the closest proteins that carry its field (ec_number -> ec_number, yes_no -> " \
+           "protein_name)" in card and 'retrieval_field=\\"ec_number\\"' not in card and 'retrieval_field="ec_number"' in card
 
 
 def test_metrics_without_retrieval_baseline_are_flagged(copy_of):

@@ -495,6 +495,12 @@ def retrieval_section(folder) -> str | None:
         lines.append(f"- **Per field**: the top {config.get('k')} are found for each annotation field among the proteins "
                      "that carry it, and each shows that field, so every kind of question has a neighbour with its kind "
                      "of answer.")
+    if config.get("task_fields"):
+        pairs = ", ".join(f"{task} -> {field}" for task, field in config["task_fields"].items())
+        lines.append(f"- **By question**: in training, questions of a task saw the closest proteins that carry its field "
+                     f"({pairs}). Ask the same way: `apply_chat_template(..., retrieval_field=\"ec_number\")` "
+                     "(`processor.retrieval_database.field_for_task(task)` gives the field), or "
+                     "`pipe(..., retrieval_field=...)`; `python -m eval` does it per task.")
     if config.get("fallback") == "composition":
         closest = "the protein closest" if config.get("k") == 1 else f"the {config.get('k')} proteins closest"
         verb = "is" if config.get("k") == 1 else "are"

@@ -24,7 +24,7 @@ LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 MOE_KEYS = {"num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"}
 LOSS_WEIGHT_KEYS = {"mlm", "contrastive", "denoise"}
 RETRIEVAL_KEYS = {"k", "max_identity", "exclusion", "max_evalue", "max_annotation_chars", "fields", "threads", "fallback",
-                  "per_field", "train_rows"}
+                  "per_field", "task_fields", "train_rows"}
 EVALUATE_KEYS = {"data", "train", "baselines", "shuffled_proteins", "no_retrieval", "batch_size", "max_new_tokens",
                  "bootstrap", "flags", "limit", "examples", "tasks", "split"}
 
@@ -136,6 +136,17 @@ def _check_retrieval(spec, path) -> None:
         raise RecipeError(f"{path}: `model.retrieval.fallback` must be composition or absent, got {spec['fallback']!r}")
     if not isinstance(spec.get("per_field", False), bool):
         raise RecipeError(f"{path}: `model.retrieval.per_field` must be true or false, got {spec['per_field']!r}")
+    task_fields = spec.get("task_fields")
+    if task_fields is not None:
+        from protllm.training.retrieval import DEFAULT_FIELDS
+
+        fields = spec.get("fields") or DEFAULT_FIELDS
+        if not isinstance(task_fields, dict):
+            raise RecipeError(f"{path}: `model.retrieval.task_fields` must map task names to fields, got {task_fields!r}")
+        for task, field in task_fields.items():
+            if field not in fields:
+                raise RecipeError(f"{path}: `model.retrieval.task_fields.{task}` is {field!r}, not one of the database's "
+                                  f"fields ({', '.join(fields)})")
     rows = spec.get("train_rows")
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
         raise RecipeError(f"{path}: `model.retrieval.train_rows` must be a positive integer, got {rows!r}")

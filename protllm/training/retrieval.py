@@ -11,6 +11,9 @@ Recipe switch (`model.retrieval:`; keys checked by `recipe.py`):
         max_annotation_chars: 160
         fallback: composition     # optional: a protein with no homolog gets its closest proteins in composition
         per_field: true           # optional: the k closest proteins for each field, each showing that field
+        task_fields:              # optional: questions of a task see the closest proteins carrying this field
+          ec_number: ec_number
+          yes_no: protein_name
         fields: [protein_name, function_text, ec_number, reaction]   # the tasks whose answers annotate a protein
         train_rows: 800           # optional: train on a seeded sample of this many rows (the database keeps all)
 
@@ -25,6 +28,9 @@ passes, so training prompts look exactly like inference prompts. With `fallback:
 neighbours gets its closest database proteins in composition instead, under the same exclusions: never itself, its
 cluster, or any homolog the search found (E <= max_evalue) above `max_identity`. With `per_field: true` all of this
 runs for each field's view of the database (`RetrievalDatabase.field_views`), with the exclusions of the whole one.
+With `task_fields`, a row whose task is listed is searched in the view of its field alone (same exclusions), so a
+protein asked two kinds of question is searched once per kind; the mapping is saved with the database, and evaluation
+asks each task's questions the same way.
 """
 
 from __future__ import annotations
@@ -95,13 +101,15 @@ def database_from_records(records, config: dict | None = None) -> RetrievalDatab
 
 
 def search_excluding(database: RetrievalDatabase, sequences: list[str], exclude: list, k: int | None = None,
-                     max_identity: float | None = None, exclude_same_cluster: bool = False) -> list[list[dict]]:
+                     max_identity: float | None = None, exclude_same_cluster: bool = False,
+                     field: str | None = None) -> list[list[dict]]:
     """`database.search` for training proteins: the top-`k` neighbours of each query that are not excluded.
 
     exclude: per query, an id or a collection of ids never returned (leave-one-out: the query's own id).
     exclude_same_cluster: also exclude every database protein sharing the `cluster` of an excluded id.
     max_identity: drop neighbours above this identity (0-1), so the model learns to use distant homologs instead of
         copying a near-identical one (test proteins have none above the split's identity).
+    field: search only the proteins carrying this annotation field (`RetrievalDatabase.field_view`).
     """
     if len(exclude) != len(sequences):
         raise RetrievalError(f"exclude has {len(exclude)} entries for {len(sequences)} queries")
@@ -112,6 +120,8 @@ def search_excluding(database: RetrievalDatabase, sequences: list[str], exclude:
         ids = {item} if isinstance(item, str) else set(item or ())
         clusters = {cluster_of.get(i) for i in ids} - {None} if exclude_same_cluster else set()
         excluded.append(ids | {i for i, c in cluster_of.items() if c in clusters})
+    if field is not None:
+        return _search_without(database.field_view(field), sequences, excluded, k, max_identity)
     if database.config.get("per_field"):
         return merge_field_neighbours([_search_without(view, sequences, excluded, k, max_identity)
                                        for view in database.field_views().values()], len(sequences))
@@ -146,6 +156,7 @@ def build_database(rows, spec: dict, sources: list[str]) -> RetrievalDatabase:
     config = {"k": spec.get("k", 3), "max_evalue": spec.get("max_evalue", 0.01),
               "max_annotation_chars": spec.get("max_annotation_chars", 160), "fallback": spec.get("fallback"),
               "per_field": bool(spec.get("per_field", False)),
+              **({"task_fields": dict(spec["task_fields"])} if spec.get("task_fields") else {}),
               "sources": list(sources),
               "training": {"max_identity": spec.get("max_identity", 0.3),
                            "exclusion": spec.get("exclusion", "leave_one_out")}}
@@ -155,30 +166,41 @@ def build_database(rows, spec: dict, sources: list[str]) -> RetrievalDatabase:
     return database
 
 
-def training_neighbours(database: RetrievalDatabase, proteins: dict[str, str], spec: dict) -> dict[str, list[dict]]:
-    """`{protein id: neighbours}` for training proteins `{id: sequence}`, leave-one-out and identity-capped."""
+def training_neighbours(database: RetrievalDatabase, proteins: dict[str, str], spec: dict,
+                        field: str | None = None) -> dict[str, list[dict]]:
+    """`{protein id: neighbours}` for training proteins `{id: sequence}`, leave-one-out and identity-capped; with
+    `field`, among the proteins carrying that field."""
     ids = list(proteins)
     exclusion = spec.get("exclusion", "leave_one_out")
     if exclusion not in EXCLUSIONS:
         raise ValueError(f"model.retrieval.exclusion must be one of {EXCLUSIONS}, got {exclusion!r}")
     found = search_excluding(database, [proteins[i] for i in ids], exclude=[[i] for i in ids],
-                             max_identity=spec.get("max_identity", 0.3), exclude_same_cluster=exclusion == "cluster")
+                             max_identity=spec.get("max_identity", 0.3), exclude_same_cluster=exclusion == "cluster",
+                             field=field)
     return dict(zip(ids, found))
 
 
 def add_neighbours(dataset, database: RetrievalDatabase, spec: dict):
-    """`dataset` with a neighbours block after every protein of every user message; returns `(dataset, stats)`."""
-    proteins = {}
+    """`dataset` with a neighbours block after every protein of every user message; returns `(dataset, stats)`.
+
+    With `task_fields` in the database config, a row's proteins are searched among the carriers of its task's field;
+    the stats then count (protein, field) searches.
+    """
+    proteins: dict[str | None, dict[str, str]] = {}  # asked field (None: any) -> {protein id: sequence}
     for row in dataset:
+        field = database.field_for_task(row.get("task"))
         for protein in row.get("proteins") or []:
             if protein.get("sequence"):
-                proteins.setdefault(protein_key(protein), protein["sequence"])
-    by_sequence = {}
-    neighbours = training_neighbours(database, proteins, spec)
-    for key, sequence in proteins.items():
-        by_sequence.setdefault(sequence, neighbours[key])
+                proteins.setdefault(field, {}).setdefault(protein_key(protein), protein["sequence"])
+    by_sequence, neighbours = {}, {}  # (field, sequence) -> neighbours; (field, protein id) -> neighbours
+    for field, group in proteins.items():
+        found = training_neighbours(database, group, spec, field=field)
+        for key, sequence in group.items():
+            by_sequence.setdefault((field, sequence), found[key])
+            neighbours[(field, key)] = found[key]
 
     def with_blocks(row):
+        field = database.field_for_task(row.get("task"))
         messages = []
         for message in row["messages"]:
             content = message["content"]
@@ -189,7 +211,8 @@ def add_neighbours(dataset, database: RetrievalDatabase, spec: dict):
             for block in content:
                 blocks.append(block)
                 if block.get("type") == "protein" and block.get("sequence"):
-                    found = by_sequence.get(block["sequence"].strip().upper(), by_sequence.get(block["sequence"], []))
+                    found = by_sequence.get((field, block["sequence"].strip().upper()),
+                                            by_sequence.get((field, block["sequence"]), []))
                     rendered = database.neighbours_block(found)["text"]
                     # Same keys as the other blocks, so the Arrow schema of `messages` is unchanged.
                     blocks.append({**{k: None for k in block}, "type": "neighbours", "text": rendered})
