@@ -14,7 +14,8 @@ What a user gets:
 - preset questions per task (function, EC number, reaction, name, a yes/no template) or free text, and follow-up
   questions about the same protein (multi-turn chat: earlier turns stay in the prompt);
 - the answer, decoded greedily, and, when the model folder has a retrieval database (`retrieval/`), the neighbours
-  the model was shown (identity, E-value, annotations);
+  the model was shown (identity, E-value, annotations); a preset question is searched as the model was trained to
+  be asked it (its `task_fields`: the EC preset among proteins with EC numbers);
 - bad input (a residue outside the alphabet, a file that is not a structure, a chain that is not in the file) as a
   readable message naming the problem; the app keeps serving.
 
@@ -54,6 +55,10 @@ PRESET_QUESTIONS = {
     "Yes/no (edit the property)": "Is this protein a kinase? Answer yes or no.",
 }
 DEFAULT_QUESTION = PRESET_QUESTIONS["Function"]
+# The task of each preset: a model trained with `task_fields` shows its question the closest proteins carrying that
+# task's field (an EC question: proteins with EC numbers). Free text gets the closest proteins, whatever they carry.
+PRESET_TASKS = {"Function": "function_text", "EC number": "ec_number", "Reaction": "reaction", "Name": "protein_name"}
+YES_NO_QUESTION = re.compile(r"^Is this protein .+\? Answer yes or no\.$")
 STRUCTURE_FILE_TYPES = [".pdb", ".ent", ".cif", ".mmcif", ".bcif", ".gz"]
 EXAMPLE_SEQUENCE = (
     "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSP"
@@ -229,7 +234,9 @@ class ProtLLMDemo:
         if database is not None and hasattr(database, "augment"):
             # Search once here so the page shows exactly the neighbours the prompt holds (the processor keeps
             # messages that already carry a neighbours block).
-            conversations = database.augment(conversations)
+            fields = [database.field_for_task(question_task(question[i])) if hasattr(database, "field_for_task") else None
+                      for i in valid]
+            conversations = database.augment(conversations, field=fields) if any(fields) else database.augment(conversations)
             neighbours = [_first_neighbours(messages) for messages in conversations]
         started = time.perf_counter()
         generated = self.generate(conversations)
@@ -256,6 +263,15 @@ class ProtLLMDemo:
         first = next(iter(chains))
         return (gr.update(choices=choices, value=first),
                 f"{os.path.basename(path)}: {len(chains)} protein chain(s); answering about chain {first}.")
+
+
+def question_task(question: str) -> str | None:
+    """The task a preset question (or the yes/no template with another property) asks; None for free text."""
+    text = " ".join(str(question).split())
+    for name, preset in PRESET_QUESTIONS.items():
+        if text == preset and name in PRESET_TASKS:
+            return PRESET_TASKS[name]
+    return "yes_no" if YES_NO_QUESTION.match(text) else None
 
 
 def _first_neighbours(messages: list[dict]) -> list[dict] | None:

@@ -347,3 +347,16 @@ def test_neighbours_shown_when_the_model_has_a_retrieval_database(tmp_path):
     with torch.inference_mode():
         output = app.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     assert answers[0] == app.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+    # A model trained with task_fields: the EC preset sees the closest protein with an EC number (here by composition:
+    # the insulin query's homolog P1 has none), the name preset its homolog, free text the closest protein.
+    from app import PRESET_QUESTIONS, question_task
+
+    app.retrieval_database.config.update(task_fields={"ec_number": "ec_number"}, fallback="composition")
+    insulin = SEQUENCES[3][:60]
+    _, _, _, tables = app.answer([insulin] * 3, [PRESET_QUESTIONS["EC number"], NAME_QUESTION, "What is it?"],
+                                 [None] * 3, [None] * 3, [[], [], []])
+    assert "| P2 |" in tables[0] and "P1" not in tables[0]
+    assert "| 1 | P1 |" in tables[1] and "| 1 | P1 |" in tables[2]
+    assert question_task(PRESET_QUESTIONS["Reaction"]) == "reaction" and question_task("What is it?") is None
+    assert question_task("Is this protein  a toxin? Answer yes or no.") == "yes_no"
