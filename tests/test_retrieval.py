@@ -41,6 +41,16 @@ def database(**config) -> RetrievalDatabase:
     ], {"k": 2, "threads": 1, **config})
 
 
+def training_row(accession, sequence, task, answer, question="Name this protein."):
+    """A dataset row as data.build writes it: one protein, a question, the answer (same keys in every block)."""
+    block = {"type": "protein", "sequence": sequence, "text": None, "chain": None, "structure": None}
+    text = {"type": "text", "sequence": None, "text": question, "chain": None, "structure": None}
+    return {"id": f"{accession}|{task}", "task": task, "answer": answer, "meta": "{}",
+            "proteins": [{"accession": accession, "sequence": sequence}],
+            "messages": [{"role": "user", "content": [block, text]},
+                         {"role": "assistant", "content": [{**text, "text": answer}]}]}
+
+
 def chat(sequence, question="Name this protein."):
     return [{"role": "user", "content": [{"type": "protein", "sequence": sequence}, {"type": "text", "text": question}]}]
 
@@ -177,17 +187,10 @@ def test_training_rows_of_a_listed_task_search_the_carriers_of_its_field():
     datasets = pytest.importorskip("datasets")
     from protllm.training.retrieval import add_neighbours, build_database
 
-    def row(accession, sequence, task, answer):
-        block = {"type": "protein", "sequence": sequence, "text": None, "chain": None, "structure": None}
-        text = {"type": "text", "sequence": None, "text": "Question?", "chain": None, "structure": None}
-        return {"id": f"{accession}|{task}", "task": task, "answer": answer, "meta": "{}",
-                "proteins": [{"accession": accession, "sequence": sequence}],
-                "messages": [{"role": "user", "content": [block, text]},
-                             {"role": "assistant", "content": [{**text, "text": answer}]}]}
-
-    rows = [row("L1", LYSOZYME, "protein_name", "Lysozyme C"), row("L1", LYSOZYME, "ec_number", "3.2.1.17"),
-            row("L2", mutate(LYSOZYME, 0.4, 5), "protein_name", "Lysozyme homolog"),
-            row("E1", residue_shuffled(LYSOZYME, 1), "ec_number", "3.2.1.99"), row("U1", UBIQUITIN, "protein_name", "Ubiquitin")]
+    rows = [training_row("L1", LYSOZYME, "protein_name", "Lysozyme C"), training_row("L1", LYSOZYME, "ec_number", "3.2.1.17"),
+            training_row("L2", mutate(LYSOZYME, 0.4, 5), "protein_name", "Lysozyme homolog"),
+            training_row("E1", residue_shuffled(LYSOZYME, 1), "ec_number", "3.2.1.99"),
+            training_row("U1", UBIQUITIN, "protein_name", "Ubiquitin")]
     spec = {"k": 1, "max_identity": 0.9, "fallback": "composition", "task_fields": {"ec_number": "ec_number"}}
     dataset = datasets.Dataset.from_list(rows)
     db = build_database(dataset, spec, ["test"])
@@ -197,6 +200,7 @@ def test_training_rows_of_a_listed_task_search_the_carriers_of_its_field():
     assert texts["L1|ec_number"].endswith("- no homolog, similar composition; EC: 3.2.1.99")
     assert texts["E1|ec_number"].endswith("; EC: 3.2.1.17") and "3.2.1.99" not in texts["E1|ec_number"]
     assert stats["proteins"] == 5  # (field, protein) searches: L1, L2, U1 by any field; L1, E1 among EC carriers
+    assert stats["with_composition_neighbours"] == 3  # U1 (no homolog at all), and both EC searches
     assert db.config["task_fields"] == {"ec_number": "ec_number"}
 
 
@@ -240,16 +244,10 @@ def test_training_rows_get_leave_one_out_neighbours():
     datasets = pytest.importorskip("datasets")
     from protllm.training.retrieval import add_neighbours, build_database
 
-    def row(accession, sequence, task, answer):
-        block = {"type": "protein", "sequence": sequence, "text": None, "chain": None, "structure": None}
-        text = {"type": "text", "sequence": None, "text": "Name this protein.", "chain": None, "structure": None}
-        return {"id": f"{accession}|{task}", "task": task, "answer": answer, "meta": "{}",
-                "proteins": [{"accession": accession, "sequence": sequence}],
-                "messages": [{"role": "user", "content": [block, text]},
-                             {"role": "assistant", "content": [{**text, "text": answer}]}]}
-
-    rows = [row("L1", LYSOZYME, "protein_name", "Lysozyme C"), row("L2", mutate(LYSOZYME, 0.4, 5), "protein_name", "Lysozyme homolog"),
-            row("L3", mutate(LYSOZYME, 0.02, 6), "protein_name", "Lysozyme copy"), row("U1", UBIQUITIN, "protein_name", "Ubiquitin")]
+    rows = [training_row("L1", LYSOZYME, "protein_name", "Lysozyme C"),
+            training_row("L2", mutate(LYSOZYME, 0.4, 5), "protein_name", "Lysozyme homolog"),
+            training_row("L3", mutate(LYSOZYME, 0.02, 6), "protein_name", "Lysozyme copy"),
+            training_row("U1", UBIQUITIN, "protein_name", "Ubiquitin")]
     dataset = datasets.Dataset.from_list(rows)
     spec = {"k": 3, "max_identity": 0.9}
     db = build_database(dataset, spec, ["test"])
@@ -295,15 +293,9 @@ def test_train_rows_samples_the_training_rows_but_the_database_keeps_every_prote
     class Holder:
         retrieval_database = None
 
-    def row(accession, sequence, answer):
-        block = {"type": "protein", "sequence": sequence, "text": None}
-        return {"id": f"{accession}|protein_name", "task": "protein_name", "answer": answer, "meta": "{}",
-                "proteins": [{"accession": accession, "sequence": sequence}],
-                "messages": [{"role": "user", "content": [block, {"type": "text", "sequence": None, "text": "Name it."}]},
-                             {"role": "assistant", "content": [{"type": "text", "sequence": None, "text": answer}]}]}
-
-    rows = [row("L1", LYSOZYME, "Lysozyme C"), row("L2", mutate(LYSOZYME, 0.4, 5), "Lysozyme homolog"),
-            row("U1", UBIQUITIN, "Ubiquitin"), row("M1", MYOGLOBIN, "Myoglobin")]
+    rows = [training_row("L1", LYSOZYME, "protein_name", "Lysozyme C"),
+            training_row("L2", mutate(LYSOZYME, 0.4, 5), "protein_name", "Lysozyme homolog"),
+            training_row("U1", UBIQUITIN, "protein_name", "Ubiquitin"), training_row("M1", MYOGLOBIN, "protein_name", "Myoglobin")]
     holder = Holder()
     sampled, stats = attach_retrieval(holder, datasets.Dataset.from_list(rows), {"k": 2, "train_rows": 2}, ["test"], seed=0)
     assert len(sampled) == 2 and len(holder.retrieval_database) == 4 and stats["proteins"] == 2

@@ -221,7 +221,8 @@ def add_neighbours(dataset, database: RetrievalDatabase, spec: dict):
 
     dataset = dataset.map(with_blocks, desc="adding retrieved neighbours")
     counts = [len(v) for v in neighbours.values()]
-    by_composition = sum(1 for v in neighbours.values() if v and v[0].get("method") == "composition")
+    # Searches that fell back to composition for some neighbour (with per_field: for some field, not only the first).
+    by_composition = sum(1 for v in neighbours.values() if any(n.get("method") == "composition" for n in v))
     stats = {"proteins": len(counts), "with_neighbours": sum(1 for c in counts if c),
              **({"with_composition_neighbours": by_composition} if database.config.get("fallback") else {}),
              "mean_neighbours": round(sum(counts) / max(len(counts), 1), 2),
