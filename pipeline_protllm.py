@@ -108,7 +108,7 @@ class ProteinFunctionPipeline(Pipeline):
         problems = {}
         for position, item in enumerate(inputs):
             try:
-                self._check_input(item, kwargs.get("question"))
+                self._check_input(item, kwargs.get("question"), kwargs.get("retrieval_field"))
             except (ValueError, TypeError, KeyError, OSError) as error:
                 problems[position] = f"input {position}: {error}"
         if not problems:
@@ -120,11 +120,13 @@ class ProteinFunctionPipeline(Pipeline):
             f"{len(problems)} of {len(inputs)} inputs cannot be answered (the others were; see `.results`):\n"
             + "\n".join(problems.values()), results)
 
-    def _check_input(self, item, question=None):
-        """Raise ValueError for an input the model cannot be asked about (built and tokenized, not generated)."""
+    def _check_input(self, item, question=None, retrieval_field=None):
+        """Raise ValueError for an input the model cannot be asked about (built and tokenized, not generated). The
+        search asks for the call's `retrieval_field`, so the answering pass reuses it instead of searching again."""
         conversation, _ = to_conversation(item, question)
         self.processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", padding=True)
+                                           return_tensors="pt", padding=True,
+                                           **({"retrieval_field": retrieval_field} if retrieval_field is not None else {}))
 
     def _sanitize_parameters(self, question=None, generate_kwargs=None, retrieval_field=None, **kwargs):
         preprocess = {} if question is None else {"question": question}

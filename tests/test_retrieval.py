@@ -431,7 +431,7 @@ def test_no_retrieval_tells_the_model_nothing_is_known(folder_with_database):
     assert bare.settings()["retrieval"] is False and predictor.settings()["retrieval_database_size"] == 3
 
 
-def test_evaluation_and_the_pipeline_ask_each_task_with_its_trained_field(folder_with_database):
+def test_evaluation_and_the_pipeline_ask_each_task_with_its_trained_field(folder_with_database, monkeypatch):
     """A database trained with `task_fields` is asked the same way: `python -m eval` passes each example's field (an EC
     question about ubiquitin sees lysozyme, the only protein with an EC number; a name question sees ubiquitin), and
     the pipeline takes `retrieval_field`; both match processor + generate."""
@@ -457,6 +457,16 @@ def test_evaluation_and_the_pipeline_ask_each_task_with_its_trained_field(folder
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
     assert answer == [{"generated_text": expected}]
+
+    # A list is checked input by input before it is answered: each protein is searched once, in the asked field.
+    import retrieval_protllm
+
+    searched = []
+    real_search = retrieval_protllm.pyswrd.search
+    monkeypatch.setattr(retrieval_protllm.pyswrd, "search",
+                        lambda queries, *args, **kwargs: searched.extend(queries) or real_search(queries, *args, **kwargs))
+    pipe([MYOGLOBIN, LYSOZYME[:-3]], question="Which EC number?", retrieval_field="ec_number", max_new_tokens=2)
+    assert sorted(searched) == sorted([MYOGLOBIN, LYSOZYME[:-3]])
 
 
 @pytest.mark.parametrize("retrieval, message", [
