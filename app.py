@@ -236,6 +236,7 @@ class ProtLLMDemo:
             # messages that already carry a neighbours block).
             fields = [database.field_for_task(question_task(question[i])) if hasattr(database, "field_for_task") else None
                       for i in valid]
+            # Only when a field is asked: the database class of a folder saved before task_fields takes no `field`.
             conversations = database.augment(conversations, field=fields) if any(fields) else database.augment(conversations)
             neighbours = [_first_neighbours(messages) for messages in conversations]
         started = time.perf_counter()

@@ -325,6 +325,7 @@ class ModelPredictor:
         # A model trained with task_fields is asked as it was trained: an EC question sees proteins with EC numbers.
         task_fields = self._task_fields() if self.retrieval else {}
         fields = [task_fields.get(ex.get("task")) for ex in examples]
+        # Only when a field is asked: the processor of a folder saved before task_fields takes no `retrieval_field`.
         field_kwargs = {"retrieval_field": fields} if any(fields) else {}
         with counted_crops() as crops:  # one line for cropped proteins, not one per protein
             inputs = self._proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
