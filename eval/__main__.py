@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--holdout unit: each example (id hash) or each MMseqs2 cluster (30%% identity, 50%% coverage)")
     ap.add_argument("--seed", type=int, default=0, help="seed for --holdout, bootstrap, shuffling and sampling")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    ap.add_argument("--limit", default=None,
+                    help="first N examples per task, or N plus per-task numbers, e.g. 24,yes_no=72,protein_name=100")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", default="128",
                     help="generation limit: N, or N plus per-task limits, e.g. 32,yes_no=4,protein_name=16")

@@ -202,7 +202,20 @@ def _row_examples(row: dict, n: int, tasks: list[str], want_split: str | None, s
     return cands
 
 
-def load_examples(path, task: str | list[str] = "auto", split: str | None = None, limit: int | None = None,
+def first_examples_per_task(examples: list[dict], limit: int | dict) -> list[dict]:
+    """The first `limit` examples of every task; `limit` an int or `{"default": n or None, task: n}` (None: all)."""
+    limits = limit if isinstance(limit, dict) else {"default": limit}
+    per: Counter = Counter()
+    kept = []
+    for ex in examples:
+        n = limits.get(ex["task"], limits.get("default"))
+        if n is None or per[ex["task"]] < n:
+            per[ex["task"]] += 1
+            kept.append(ex)
+    return kept
+
+
+def load_examples(path, task: str | list[str] = "auto", split: str | None = None, limit: int | dict | None = None,
                   stats: dict | None = None) -> list[dict]:
     """Read ``path`` into examples for ``task`` (a task id, a list, a comma list or ``'auto'``).
 
@@ -239,14 +252,7 @@ def load_examples(path, task: str | list[str] = "auto", split: str | None = None
             seen.add(key)
             out.append(ex)
     if limit:
-        # keep the first ``limit`` examples of every task
-        per: Counter = Counter()
-        kept = []
-        for ex in out:
-            if per[ex["task"]] < limit:
-                per[ex["task"]] += 1
-                kept.append(ex)
-        out = kept
+        out = first_examples_per_task(out, limit)
     st["examples"] = len(out)
     st["by_task"] = dict(Counter(ex["task"] for ex in out))
     return out

@@ -38,16 +38,6 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def _limit(examples, n):
-    per: dict = {}
-    kept = []
-    for ex in examples:
-        if per.get(ex["task"], 0) < n:
-            per[ex["task"]] = per.get(ex["task"], 0) + 1
-            kept.append(ex)
-    return kept
-
-
 def _check_examples(examples: list[dict], path, on_bad_rows: str, stats: dict, notes: list[str], what: str = "--data"):
     """Every example whose protein cannot be read (empty, invalid residue...), named by id and file line: stop before
     any predictor runs (BadRowsError, a ValueError) or skip them, counted in `stats["bad_rows"]` and a note."""
@@ -102,35 +92,55 @@ def _identity_bins(exs, train_examples, task, threads, sensitivity, retrieval_se
     return best, tool
 
 
-def generation_limits(max_new_tokens) -> tuple[int, dict[str, int]]:
-    """`(default, {task: limit})` from an int, a mapping `{"default": n, task: n}` or the CLI's `"32,yes_no=4"`.
-
-    Short answers (yes/no, names, EC numbers) need few tokens; one row that rambles keeps its whole batch
-    decoding up to the limit, so a per-task limit is what makes an evaluation cheaper. Unknown tasks are errors.
-    """
+def per_task_numbers(value, what: str, default):
+    """`(default, {task: n})` from an int, a mapping `{"default": n, task: n}` or the CLI's `"32,yes_no=4"`: one
+    number for every task, and the tasks that differ. `what` names the setting in errors (an unknown task, or a
+    number that is not a positive integer, is refused by name); `default` applies when the value names none."""
     from .data import TASKS
 
-    if isinstance(max_new_tokens, str):
-        parts = [p.strip() for p in max_new_tokens.split(",") if p.strip()]
-        limits: dict = {}
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        numbers: dict = {}
         for part in parts:
-            key, _, value = part.rpartition("=")
-            limits[key or "default"] = value
-        max_new_tokens = limits
-    if not isinstance(max_new_tokens, dict):
-        max_new_tokens = {"default": max_new_tokens}
+            key, _, number = part.rpartition("=")
+            numbers[key or "default"] = number
+        value = numbers
+    if not isinstance(value, dict):
+        value = {"default": value}
     out = {}
-    for key, value in max_new_tokens.items():
+    for key, number in value.items():
         if key != "default" and key not in TASKS:
-            raise ValueError(f"max_new_tokens: unknown task {key!r} (tasks: {', '.join(TASKS)})")
+            raise ValueError(f"{what}: unknown task {key!r} (tasks: {', '.join(TASKS)})")
         try:
-            number = int(value)
+            whole = int(number)
         except (TypeError, ValueError):
-            number = 0
-        if number < 1 or isinstance(value, bool) or isinstance(value, float) and value != number:
-            raise ValueError(f"max_new_tokens: {key} must be a positive integer, got {value!r}")
-        out[key] = number
-    return out.pop("default", 128), out
+            whole = 0
+        if whole < 1 or isinstance(number, bool) or isinstance(number, float) and number != whole:
+            raise ValueError(f"{what}: {key} must be a positive integer, got {number!r}")
+        out[key] = whole
+    return out.pop("default", default), out
+
+
+def generation_limits(max_new_tokens) -> tuple[int, dict[str, int]]:
+    """`(default, {task: limit})` of new tokens, see `per_task_numbers`.
+
+    Short answers (yes/no, names, EC numbers) need few tokens; one row that rambles keeps its whole batch
+    decoding up to the limit, so a per-task limit is what makes an evaluation cheaper.
+    """
+    return per_task_numbers(max_new_tokens, "max_new_tokens", 128)
+
+
+def example_limits(limit) -> dict | None:
+    """`--limit` -> `{"default": n or None, task: n}`: the first n examples of each task, e.g. `"24,yes_no=72"`
+    (short answers are cheap to generate: their tasks can afford more rows and tighter intervals). None: all."""
+    if limit is None:
+        return None
+    if isinstance(limit, str) and limit.strip().lstrip("-").isdigit():
+        limit = int(limit)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit < 1:
+        raise ValueError(f"--limit must be a positive number of examples per task, got {limit}")
+    default, per_task = per_task_numbers(limit, "--limit", None)
+    return {"default": default, **per_task}
 
 
 def run_evaluation(
@@ -145,7 +155,7 @@ def run_evaluation(
     holdout: float | None = None,
     holdout_by: str = "id",
     seed: int = 0,
-    limit: int | None = None,
+    limit: int | str | dict | None = None,
     batch_size: int = 8,
     max_new_tokens: int | dict | str = 128,
     do_sample: bool = False,
@@ -176,7 +186,8 @@ def run_evaluation(
 
     Returns the `metrics.json` payload: `{"header": {...}, "tasks": {task: {"predictors": {name: {"metrics":
     {metric: {"value", "ci_low", "ci_high"}}, "primary", "counts", ...}}, "family", "n"}}}`.
-    `max_new_tokens`: an int, or per task (`{"default": 32, "yes_no": 4}`, see `generation_limits`).
+    `max_new_tokens`: an int, or per task (`{"default": 32, "yes_no": 4}`, see `generation_limits`); `limit` the
+    first examples of each task, an int or per task in the same forms (`example_limits`).
     `shuffled_proteins` adds `<model>+shuffled_proteins` for each model folder (proteins deranged across examples
     before the model, so before its retrieval too); `no_retrieval` adds `<model>+no_retrieval` (the prompt says no
     similar protein is known: the encoder path alone). `retrieval_k` / `retrieval_text` set the `retrieval`
@@ -187,7 +198,7 @@ def run_evaluation(
     examples.
     """
     from .baselines import describe_search
-    from .data import holdout_split, load_examples
+    from .data import first_examples_per_task, holdout_split, load_examples
     from .generate import FilePredictor, ModelPredictor, run_generation
     from .report import paired_difference, score_predictor, task_scorer, write_report
 
@@ -211,8 +222,7 @@ def run_evaluation(
             raise ValueError(f"{flag} {path}: no such file")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory (it will hold report.md, metrics.json, predictions/)")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be a positive number of examples per task, got {limit}")
+    limit = example_limits(limit)
     for spec in predictors:
         if spec not in ("most_common", *RETRIEVAL_PREDICTORS) and not spec.startswith("file:") and Path(spec).is_dir() \
                 and not (Path(spec) / "config.json").is_file():
@@ -237,7 +247,7 @@ def run_evaluation(
         notes.append(f"Seeded holdout of --data: an example is test when sha256('{seed}:{unit}') maps below "
                      f"{holdout} (train {len(train_examples)}, test {len(examples)}).")
         if limit:
-            examples = _limit(examples, limit)
+            examples = first_examples_per_task(examples, limit)
     else:
         examples = load_examples(data, task, split=split, limit=limit, stats=data_stats)
         examples = _check_examples(examples, data, on_bad_rows, data_stats, notes)
@@ -385,7 +395,7 @@ def run_evaluation(
         "temporal_test": str(temporal_test) if temporal else None,
         "temporal_train": str(temporal_train) if temporal else None, "go_obo": None if go_obo is None else str(go_obo),
         "train_split": train_split or ("train" if train and _same_file(train, data) else None),
-        "holdout": holdout, "seed": seed, "bootstrap": bootstrap,
+        "holdout": holdout, "seed": seed, "bootstrap": bootstrap, "limit": limit,
         "max_new_tokens": {"default": max_new_tokens, **task_token_limits} if task_token_limits else max_new_tokens,
         "data_stats": data_stats, "n_train": len(train_examples) if train_examples else None,
         "identity": None if not identities else (

@@ -150,6 +150,35 @@ def test_per_task_generation_limits_reach_the_model_and_its_controls(tmp_path):
     assert header["max_new_tokens"] == {"default": 6, "yes_no": 1}
 
 
+def test_per_task_example_limits_keep_the_first_rows_of_each_task(tmp_path):
+    """`--limit 1,yes_no=3`: one example of each task but three yes/no ones, the first in file order, recorded in the
+    header; an unknown task or a bad number is refused by name (`0` as before)."""
+    from eval.__main__ import main
+    from eval.run import example_limits
+
+    assert example_limits(None) is None and example_limits(24) == {"default": 24}
+    assert example_limits("24,yes_no=72") == {"default": 24, "yes_no": 72}
+    assert example_limits("yes_no=2") == {"default": None, "yes_no": 2}  # the other tasks keep every row
+    with pytest.raises(ValueError, match="--limit: unknown task 'yesno'"):
+        example_limits("24,yesno=4")
+    with pytest.raises(ValueError, match="--limit must be a positive number of examples per task, got 0"):
+        example_limits("0")
+    rows = [_chat_row(f"N{i}", "protein_name", LYSOZYME[i:], "What is the name of this protein?", "Lysozyme C")
+            for i in range(3)]
+    rows += [_chat_row(f"Y{i}", "yes_no", UBIQUITIN[i:], "Is this protein a kinase? Answer yes or no.", "no")
+             for i in range(5)]
+    test = _write(tmp_path / "test.jsonl", rows)
+    train = _write(tmp_path / "train.jsonl", rows[:1] + rows[3:4])
+    assert main(["--data", str(test), "--train", str(train), "--predictor", "most_common", "--limit", "1,yes_no=3",
+                 "--out", str(tmp_path / "out"), "--bootstrap", "10", "--no_meteor", "--no_identity",
+                 "--no_progress"]) == 0
+    header = json.loads((tmp_path / "out" / "metrics.json").read_text())["header"]
+    assert header["limit"] == {"default": 1, "yes_no": 3}
+    assert header["data_stats"]["by_task"] == {"protein_name": 1, "yes_no": 3}
+    kept = [json.loads(line)["id"] for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(kept) == ["N0", "Y0", "Y1", "Y2"]
+
+
 def test_recipe_refuses_a_bad_generation_limit_before_training():
     pytest.importorskip("trl")
     from protllm.training.recipe import RecipeError, validate_recipe
@@ -158,4 +187,8 @@ def test_recipe_refuses_a_bad_generation_limit_before_training():
     validate_recipe(recipe, "demo.yaml")
     recipe["evaluate"]["max_new_tokens"]["name"] = 8
     with pytest.raises(RecipeError, match=r"demo.yaml: `evaluate.max_new_tokens: unknown task 'name'"):
+        validate_recipe(recipe, "demo.yaml")
+    del recipe["evaluate"]["max_new_tokens"]["name"]
+    recipe["evaluate"]["limit"] = {"default": 24, "yes_no": 0}
+    with pytest.raises(RecipeError, match=r"demo.yaml: `evaluate.limit: yes_no must be a positive integer, got 0"):
         validate_recipe(recipe, "demo.yaml")

@@ -80,13 +80,16 @@ def validate_recipe(recipe: dict, path="recipe") -> dict:
     sft_fields = _sft_config_fields()
     _check_keys(recipe.get("training") or {}, sft_fields, "training", path)
     _check_keys(recipe.get("evaluate") or {}, EVALUATE_KEYS, "evaluate", path)
-    if "max_new_tokens" in (recipe.get("evaluate") or {}):  # checked now, not after the training it follows
-        from eval.run import generation_limits
+    evaluate = recipe.get("evaluate") or {}
+    if "max_new_tokens" in evaluate or evaluate.get("limit") is not None:  # checked now, not after the training
+        from eval.run import example_limits, generation_limits
 
         try:
-            generation_limits(recipe["evaluate"]["max_new_tokens"])
+            if "max_new_tokens" in evaluate:
+                generation_limits(evaluate["max_new_tokens"])
+            example_limits(evaluate.get("limit"))
         except ValueError as error:
-            raise RecipeError(f"{path}: `evaluate.{error}`") from None
+            raise RecipeError(f"{path}: `evaluate.{str(error).removeprefix('--')}`") from None
     if not isinstance(recipe["stages"], list):
         raise RecipeError(f"{path}: `stages` must be a list")
     for index, stage in enumerate(recipe["stages"]):
