@@ -84,6 +84,28 @@ def test_warmup_collator_crops_long_sequences_quietly():
     assert collator.cropped == 1 and batch["protein_input_ids"].shape[1] == 64 + 2  # + cls/eos
 
 
+def test_mlm_window_crops_captioned_proteins_and_is_a_checked_recipe_key():
+    """`mlm_window: 32` cuts sequence-only proteins of the warm-up batch to 32 residues (a protein already within it
+    is untouched), below the model's `max_protein_length`; a recipe with a window that is not a whole number of
+    residues is refused naming the key."""
+    import pytest
+
+    from protllm.training.recipe import RecipeError, validate_recipe
+
+    _, processor = build_tiny_protllm()
+    processor.max_protein_length = 64
+    collator = WarmupCollator(processor, max_residues=32)
+    batch = collator([{"sequence": "MKV" * 20}, {"sequence": "MKVL"}])
+    assert collator.cropped == 1 and batch["protein_input_ids"].shape[1] == 32 + 2  # + cls/eos
+    assert int(batch["protein_attention_mask"][1].sum()) == 4 + 2
+    recipe = {"model": {}, "stages": [{"name": "warmup", "mlm_window": 128}]}
+    validate_recipe(recipe, "demo.yaml")
+    for bad in (0, 12.5, "128", True):
+        recipe["stages"][0]["mlm_window"] = bad
+        with pytest.raises(RecipeError, match=r"demo.yaml: `stages\[0\].mlm_window` must be a whole number"):
+            validate_recipe(recipe, "demo.yaml")
+
+
 def test_caption_share_repeats_captioned_rows_so_batches_hold_caption_pairs():
     """A corpus 25x the captioned rows: a plain mix leaves ~1 captioned protein per batch of 32 (no contrastive pair);
     `caption_share: 0.5` repeats captioned rows (each pass reshuffled, seeded) to half the rows, and the contrastive
@@ -135,3 +157,40 @@ def test_warmup_collator_keeps_a_repeated_caption_out_of_the_contrastive_loss():
     batch = collator([row("MKVL", "Yes."), row("MAAG", "Kinase."), row("MTTE", " yes. "), {"sequence": "MQQR"}])
     assert batch["caption_present"].tolist() == [True, True, False, False]
     assert "caption_present" not in collator([row("MKVL", "Yes."), row("MAAG", "No.")])
+
+
+def test_warmup_stage_trains_on_the_corpus_windows_and_reports_held_out_perplexity(tmp_path):
+    """The warm-up stage as a recipe runs it: `mlm_sequences` (a held-out file excluded), `mlm_window` residues per
+    protein, `caption_share`; the stage summary records the corpus, its window, and the held-out perplexity before
+    and after beside the residue-frequency reference."""
+    import pytest
+
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from protllm.training.stages import run_stage
+
+    residues = "ACDEFGHIKLMNPQRSTVWY"
+    corpus, test = tmp_path / "corpus.jsonl", tmp_path / "test.jsonl"
+    corpus.write_text("".join(json.dumps({"sequence": "M" + "".join(residues[(i * j) % 20] for j in range(90))}) + "\n"
+                              for i in range(1, 13)))
+    test.write_text(json.dumps({"sequence": "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"}) + "\n")
+    captioned = Dataset.from_list([{"id": f"R{i}", "messages": [
+        {"role": "user", "content": [{"type": "protein", "sequence": "MKV" * 20 + residues[i]},
+                                     {"type": "text", "text": "What does it do?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": f"Function number {i}."}]}]} for i in range(4)])
+    model, processor = build_tiny_protllm()
+    args = SFTConfig(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3,
+                     use_cpu=True, report_to="none", save_strategy="no", remove_unused_columns=False,
+                     dataset_kwargs={"skip_prepare_dataset": True}, disable_tqdm=True)
+    stage = {"name": "warmup", "mlm_sequences": [str(corpus), str(test)], "mlm_exclude": [str(test)], "mlm_window": 40,
+             "caption_share": 0.5}
+    _, _, summary = run_stage(model, processor, stage, captioned, args, tmp_path)
+    assert summary["steps"] == 3
+    assert summary["mlm_corpus"]["sequences"] == 12 and summary["mlm_corpus"]["window"] == 40
+    perplexity = summary["mlm_perplexity"]
+    assert perplexity["before"]["sequences"] == 1 and perplexity["before"]["masked_residues"] > 0
+    assert perplexity["after"]["masked_residues"] == perplexity["before"]["masked_residues"]  # the same masks
+    assert perplexity["unigram_reference"] > 1
+    assert summary["cropped_proteins"] > 0  # the 61-residue captioned proteins were cut to the window

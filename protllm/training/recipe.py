@@ -19,7 +19,7 @@ DATA_KEYS = {"train", "train_split", "max_length", "limit", "tasks", "on_bad_row
 STAGE_KEYS = {"name", "training", "loss_weights", "noise_std", "new_module_lr_multiplier", "mask_ratio",
               "projector_learning_rate", "encoder_learning_rate", "train_protein_encoder", "lora", "feature_cache", "moe",
               "mlm_sequences", "mlm_exclude", "mlm_eval_sequences",  # warm-up: masked-LM corpus, held-out files,
-              "caption_share"}  # and the share of captioned rows among them
+              "caption_share", "mlm_window"}  # the share of captioned rows among them, the residues per protein
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 MOE_KEYS = {"num_experts", "top_k", "capacity_factor", "eval_capacity_factor", "router_aux_loss_coef"}
 LOSS_WEIGHT_KEYS = {"mlm", "contrastive", "denoise"}
@@ -109,6 +109,9 @@ def validate_recipe(recipe: dict, path="recipe") -> dict:
             _check_keys(stage["moe"], MOE_KEYS, f"{where}.moe", path)
         if stage.get("loss_weights"):
             _check_keys(stage["loss_weights"], LOSS_WEIGHT_KEYS, f"{where}.loss_weights", path)
+        window = stage.get("mlm_window")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 8):
+            raise RecipeError(f"{path}: `{where}.mlm_window` must be a whole number of residues (8 or more), got {window!r}")
         for key in ("projector_learning_rate", "encoder_learning_rate", "new_module_lr_multiplier"):
             value = stage.get(key)
             if value is not None and (not isinstance(value, (int, float)) or value <= 0):

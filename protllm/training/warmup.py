@@ -297,16 +297,19 @@ def make_warmup_trainer(warmup_model: WarmupModel, args, train_dataset, collator
 class WarmupCollator:
     """Rows -> protein inputs (+ coordinates) and caption token ids (the assistant answer) for the warm-up."""
 
-    def __init__(self, processor, max_caption_tokens: int = 64):
+    def __init__(self, processor, max_caption_tokens: int = 64, max_residues: int | None = None):
         self.processor = processor
         self.max_caption_tokens = max_caption_tokens
-        self.cropped = 0  # sequence-only proteins cut to max_protein_length here (one log line, not one warning each)
+        # The stage's `mlm_window`: attention costs grow with the square of the length, so shorter proteins buy more
+        # steps in the same time. None: the processor's `max_protein_length`.
+        self.max_residues = max_residues or getattr(processor, "max_protein_length", None)
+        self.cropped = 0  # sequence-only proteins cut to max_residues here (one log line, not one warning each)
 
     def _crop(self, protein):
-        """A sequence-only protein longer than `max_protein_length` -> its first `max_protein_length` residues, as the
-        processor would crop it, counted instead of warned about per protein (proteins with structures are left to
-        the processor, which crops the coordinates too)."""
-        limit = getattr(self.processor, "max_protein_length", None)
+        """A sequence-only protein longer than `max_residues` -> its first `max_residues` residues, as the processor
+        would crop it, counted instead of warned about per protein (proteins with structures are left to the
+        processor, which crops the coordinates too)."""
+        limit = self.max_residues
         sequence = protein if isinstance(protein, str) else (protein.get("sequence") if isinstance(protein, dict)
                                                              and protein.get("structure") is None else None)
         if not limit or not isinstance(sequence, str) or len(sequence) <= limit:
