@@ -82,15 +82,16 @@ def print_table(table: dict):
     print("\n=== held-out evaluation (test proteins <=30% identity to training) ===")
     present = [c for c in COLUMNS if any(c in row for row in table["tasks"].values())]
     present += sorted({c for row in table["tasks"].values() for c in row} - set(COLUMNS))  # extra baselines last
-    print(f"{'task':<14} {'metric':<14} " + " ".join(f"{c:>24}" for c in present))
+    print(f"{'task':<14} {'metric':<14} {'rows':>5} " + " ".join(f"{c:>24}" for c in present))
     for task, row in table["tasks"].items():
         metric = next(iter(row.values()))["metric"]
+        rows = next(iter(row.values())).get("n")  # tasks may have their own row counts (evaluate.limit)
         cells = []
         for column in present:
             cell = row.get(column)
             cells.append(f"{cell['value']:.3f} [{cell['ci_low']:.2f},{cell['ci_high']:.2f}]" if cell and cell["value"] is not None
                          and cell.get("ci_low") is not None else (f"{cell['value']:.3f}" if cell and cell["value"] is not None else "-"))
-        print(f"{task:<14} {metric:<14} " + " ".join(f"{c:>24}" for c in cells))
+        print(f"{task:<14} {metric:<14} {rows if rows is not None else '-':>5} " + " ".join(f"{c:>24}" for c in cells))
     paired = table.get("paired_differences") or {}
     if any(paired.values()):
         print("\nmodel minus each column, same rows (paired bootstrap 95% CI):")

@@ -132,6 +132,8 @@ def test_split_temporal_swaps_ec_and_reaction_to_the_temporal_sets(tmp_path, rep
     print_table(table)
     printed = capsys.readouterr().out
     assert "split of ec_number, reaction: temporal" in printed and table["split"] == "temporal"
+    ec_line = next(line for line in printed.splitlines() if line.startswith("ec_number "))
+    assert ec_line.split()[2] == "3"  # the rows column: tasks can have their own row counts
     with pytest.raises(SystemExit, match="has none"):
         main(args[:6] + ["--predictor", "most_common", "--task", "function_text", "--out", str(tmp_path / "x")])
 
