@@ -378,6 +378,22 @@ def test_card_without_eval_results_warns(copy_of):
     upload.assert_called_once()
 
 
+def test_card_states_the_warmup_perplexity_and_not_the_raw_summaries(copy_of):
+    """A folder whose warm-up measured its held-out MLM perplexity: the card says before, after and the residue-frequency
+    reference in a sentence; the stage summaries (long JSON) are not cut into a table cell."""
+    summaries = [{"stage": "warmup", "mlm_corpus": {"sequences": 17899},
+                  "mlm_perplexity": {"before": {"perplexity": 34.49, "sequences": 190}, "unigram_reference": 18.142,
+                                     "after": {"perplexity": 17.73, "sequences": 190}}},
+                 {"stage": "align", "steps": 4}]
+    card = sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args={**TRAINING_ARGS, "summaries": summaries},
+                                    metrics=None).content
+    assert ("masked-LM perplexity on 190 held-out proteins, 34.49 before and 17.73 after; residue frequencies alone "
+            "give 18.14") in card
+    assert "`summaries`" not in card and "Stage `align`" in card
+    plain = sharing.build_model_card(copy_of, repo_id=REPO_ID, training_args=TRAINING_ARGS, metrics=None).content
+    assert "masked-LM perplexity" not in plain  # no warm-up measured: no sentence
+
+
 def test_card_states_the_retrieval_database(copy_of):
     from retrieval_protllm import RetrievalDatabase
 

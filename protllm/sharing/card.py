@@ -254,12 +254,36 @@ def _kv_table(items) -> str:
     return "\n".join(rows)
 
 
+def _stage_results(summaries) -> list[str]:
+    """Card lines for what the stages measured about themselves (`training_args.json` -> `summaries`): today the
+    warm-up's masked-LM perplexity on held-out proteins, beside what residue frequencies alone give."""
+    lines = []
+    for summary in summaries if isinstance(summaries, list) else []:
+        perplexity = summary.get("mlm_perplexity") if isinstance(summary, dict) else None
+        if not isinstance(perplexity, dict):
+            continue
+        before, after = perplexity.get("before") or {}, perplexity.get("after") or {}
+        if not isinstance(before.get("perplexity"), (int, float)) or not isinstance(after.get("perplexity"), (int, float)):
+            continue
+        line = (f"Encoder warm-up (stage `{summary.get('stage', 'warmup')}`): masked-LM perplexity on "
+                f"{after.get('sequences', '?')} held-out proteins, {before['perplexity']:.2f} before and "
+                f"{after['perplexity']:.2f} after")
+        reference = perplexity.get("unigram_reference")
+        if isinstance(reference, (int, float)):
+            line += f"; residue frequencies alone give {reference:.2f} (an encoder must go below it to use context)"
+        lines += [line + ".", ""]
+    return lines
+
+
 def render_training(training_args: dict | None) -> str:
     if not training_args:
         return ("No training arguments were recorded with this folder (`training_args.json`); the recipe that made "
                 "it is unknown to this card.")
     setup, stages = _stages(training_args)
-    parts = []
+    # Per-stage summaries are long JSON (a table cell would cut it at 120 characters): the card states what they
+    # measured, and the whole of them stays in training_args.json.
+    summaries = setup.pop("summaries", None)
+    parts = _stage_results(summaries)
     shown_setup = [(k, v) for k, v in setup.items() if v is not None and not isinstance(v, dict)]
     if shown_setup:
         parts += ["Setup:", "", _kv_table(shown_setup), ""]
