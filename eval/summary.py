@@ -84,8 +84,8 @@ def print_table(table: dict):
     present += sorted({c for row in table["tasks"].values() for c in row} - set(COLUMNS))  # extra baselines last
     print(f"{'task':<14} {'metric':<14} {'rows':>5} " + " ".join(f"{c:>24}" for c in present))
     for task, row in table["tasks"].items():
-        metric = next(iter(row.values()))["metric"]
-        rows = next(iter(row.values())).get("n")  # tasks may have their own row counts (evaluate.limit)
+        first = next(iter(row.values()))
+        metric, rows = first["metric"], first.get("n")  # tasks may have their own row counts (evaluate.limit)
         cells = []
         for column in present:
             cell = row.get(column)

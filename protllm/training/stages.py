@@ -136,18 +136,19 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
         summary["mlm_head"] = "ESM pretrained" if pretrained_head else "ESM-initialised, decoder tied to the embeddings"
         model_dtype = upcast_trainable_parameters(wrapper, training_args)
         warmup_rows, held_out = train_dataset, []
+        max_length = getattr(processor, "max_protein_length", None)
+        window = stage_spec.get("mlm_window") or max_length  # residues per sequence-only warm-up protein
         if stage_spec.get("mlm_sequences"):  # every sequence we have, beside the captioned training rows
             from .warmup import mix_captioned_rows, mlm_corpus, mlm_perplexity
 
-            max_length = getattr(processor, "max_protein_length", None)
             corpus, held_out = mlm_corpus(stage_spec["mlm_sequences"], stage_spec.get("mlm_exclude") or (),
-                                          max_length=stage_spec.get("mlm_window") or max_length, seed=training_args.seed)
+                                          max_length=window, seed=training_args.seed)
             warmup_rows = mix_captioned_rows([dict(row) for row in train_dataset], corpus,
                                              stage_spec.get("caption_share"), seed=training_args.seed)
             held_out = held_out[: stage_spec.get("mlm_eval_sequences", 256)]
             summary["mlm_corpus"] = {"sequences": len(corpus), "captioned_rows": len(train_dataset),
                                      "captioned_share": round(1 - len(corpus) / max(len(warmup_rows), 1), 3),
-                                     "window": stage_spec.get("mlm_window") or max_length,
+                                     "window": window,
                                      "files": list(stage_spec["mlm_sequences"]), "held_out_files": list(stage_spec.get("mlm_exclude") or [])}
             if held_out:
                 from .warmup import unigram_perplexity
@@ -157,7 +158,7 @@ def run_stage(model, processor, stage_spec: dict, train_dataset, training_args, 
                     # context-free residue frequencies: the level a masked LM must beat to use context at all
                     "unigram_reference": unigram_perplexity((r["sequence"] for r in corpus), [s[:max_length] for s in held_out]),
                 }
-        warmup_collator = WarmupCollator(processor, max_residues=stage_spec.get("mlm_window"))
+        warmup_collator = WarmupCollator(processor, max_residues=window)
         if getattr(training_args, "train_sampling_strategy", None) == "group_by_length":
             # Batches sorted by length would undo `caption_share`'s mix of captioned and MLM-only rows in each batch.
             logger.info("[warmup] train_sampling_strategy group_by_length applies to the SFT stages; warm-up batches are random")

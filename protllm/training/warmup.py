@@ -306,9 +306,9 @@ class WarmupCollator:
         self.cropped = 0  # sequence-only proteins cut to max_residues here (one log line, not one warning each)
 
     def _crop(self, protein):
-        """A sequence-only protein longer than `max_residues` -> its first `max_residues` residues, as the processor
-        would crop it, counted instead of warned about per protein (proteins with structures are left to the
-        processor, which crops the coordinates too)."""
+        """A sequence-only protein longer than `max_residues` -> its first `max_residues` residues (the processor's
+        own crop when that is `max_protein_length`), counted instead of warned about per protein (proteins with
+        structures are left to the processor, which crops the coordinates too)."""
         limit = self.max_residues
         sequence = protein if isinstance(protein, str) else (protein.get("sequence") if isinstance(protein, dict)
                                                              and protein.get("structure") is None else None)
