@@ -39,7 +39,7 @@ def smollm2_path(tokenizer_only: bool = False) -> Path:
     target = cache_dir() / (SMOLLM2_NAME + ("-tokenizer" if tokenizer_only else ""))
     if (target / ("tokenizer.json")).is_file() and (tokenizer_only or (target / "model.safetensors").is_file()):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -49,15 +49,7 @@ def smollm2_path(tokenizer_only: bool = False) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer.save_pretrained(staging)
         if not tokenizer_only:
-            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            config = quantised.config
-            config.quantization_config = None
-            if hasattr(config, "__dict__"):
-                config.__dict__.pop("quantization_config", None)
-            model = AutoModelForCausalLM.from_config(config)
-            model.load_state_dict(quantised.state_dict())
-            model.generation_config = quantised.generation_config
-            model.save_pretrained(staging)
+            _convert_model(gguf, staging)
         try:
             os.replace(staging, target)
         except OSError:  # another process won the race: keep its folder
@@ -66,6 +58,25 @@ def smollm2_path(tokenizer_only: bool = False) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _convert_model(gguf: Path, staging: Path) -> None:
+    """Dequantise the GGUF model into `staging`. Under a forked torch RNG: building the model initialises weights
+    randomly before loading, and a conversion inside a seeded run (the first demo on a fresh machine) would otherwise
+    shift every random draw after it, so the first run would differ from later ones."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = quantised.config
+        config.quantization_config = None
+        if hasattr(config, "__dict__"):
+            config.__dict__.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(quantised.state_dict())
+        model.generation_config = quantised.generation_config
+        model.save_pretrained(staging)
 
 
 def resolve(name: str) -> str:

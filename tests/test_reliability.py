@@ -888,3 +888,22 @@ def test_eval_command_line_mistakes_are_messages(tmp_path, tiny_folder):
     assert result.returncode != 0 and "no config.json" in result.stderr and "Traceback" not in result.stderr, result.stderr
     result = run("--data", str(data), "--predictor", str(tiny_folder), "--out", str(tmp_path / "o3"), "--limit", "0")
     assert result.returncode != 0 and "--limit must be a positive" in result.stderr, result.stderr
+
+
+def test_converting_the_packaged_llm_leaves_the_seeded_random_stream_alone(tmp_path, monkeypatch):
+    """The first demo on a fresh machine converts SmolLM2's GGUF weights inside a seeded run; building the model to
+    convert draws random weights, and before the fix that shifted every later draw (the first run's encoder and
+    results differed from every later run's). The conversion must give the same weights and leave the stream as it was."""
+    from safetensors.torch import load_file
+
+    from protllm.local_weights import smollm2_path
+
+    monkeypatch.setenv("PROTLLM_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    folder = smollm2_path()
+    assert torch.equal(torch.rand(4), expected)
+    assert folder.parent == tmp_path / "cache" and not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+    weights = load_file(str(folder / "model.safetensors"))
+    assert weights["model.embed_tokens.weight"].shape == (49152, 576) and torch.isfinite(weights["model.norm.weight"]).all()
