@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -206,7 +207,7 @@ def _subsample(proteins: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def build_tasks(out_dir: Path, shared: Path = SHARED_DATA, demo_dir: Path = DEMO_DIR, seed: int = SEED,
-                sizes: dict = TASK_SIZES) -> dict:
+                sizes: dict = TASK_SIZES, threads: int = 1) -> dict:
     """The demo's multi-task train/test files, read in place from ../shared/data and data/demo (not committed).
 
     - function_text: yeast proteins (Verified ORFs with an SGD description), the file's own 30%-identity split;
@@ -214,7 +215,8 @@ def build_tasks(out_dir: Path, shared: Path = SHARED_DATA, demo_dir: Path = DEMO
       30% identity / 50% coverage;
     - protein_name and yes_no: data/demo as committed.
     Then one leakage pass over all proteins together: a test protein above 30% identity to any training protein
-    (of any task) moves to train, and the identity of every test protein to train is reported.
+    (of any task) moves to train, and the identity of every test protein to train is reported. `threads`: MMseqs2's
+    (its clusters and hits do not depend on it: the same files either way).
     """
     from .readers import read_clean_ec, read_yeast_function
 
@@ -231,7 +233,8 @@ def build_tasks(out_dir: Path, shared: Path = SHARED_DATA, demo_dir: Path = DEMO
              if p["accession"] not in yeast_ids and len(p["sequence"]) <= MAX_SHARED_LEN and p.get("ec")]
     n_train, n_test = sizes["ec_number"]
     clean = _subsample(clean, n_train + 3 * n_test, seed)
-    assign, _ = cluster_split(clean, {"train": 0.8, "test": 0.2}, seed=seed, min_seq_id=0.3, coverage=0.5)
+    assign, _ = cluster_split(clean, {"train": 0.8, "test": 0.2}, seed=seed, min_seq_id=0.3, coverage=0.5,
+                              threads=threads)
     ec = {s: [p for p in clean if assign[p["accession"]] == s] for s in ("train", "test")}
     ec["test"] = _subsample(ec["test"], n_test, seed)
     ec["train"] = _subsample(ec["train"], n_train, seed)
@@ -244,7 +247,7 @@ def build_tasks(out_dir: Path, shared: Path = SHARED_DATA, demo_dir: Path = DEMO
             protein = row["proteins"][0]
             everything.setdefault(protein["accession"], {"accession": protein["accession"], "sequence": protein["sequence"]})
             split_of.setdefault(protein["accession"], s)
-    split_of, moved = purge_leakage(list(everything.values()), split_of, threshold=0.3)
+    split_of, moved = purge_leakage(list(everything.values()), split_of, threshold=0.3, threads=threads)
     records = {"train": [], "test": []}
     for source, proteins, builders in (("yeast_function", fp, (function_text,)), ("clean_split10", ec, (ec_number, reaction))):
         for s in ("train", "test"):
@@ -256,7 +259,7 @@ def build_tasks(out_dir: Path, shared: Path = SHARED_DATA, demo_dir: Path = DEMO
             target = split_of[row["proteins"][0]["accession"]]
             records[target].append({**row, "split": target})
     seqs = {s: {a: everything[a]["sequence"] for a, t in split_of.items() if t == s} for s in ("train", "test")}
-    ident = identity_report(seqs["train"], seqs["test"], threshold=0.3)
+    ident = identity_report(seqs["train"], seqs["test"], threshold=0.3, threads=threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in ("train", "test"):
@@ -283,9 +286,13 @@ def main(argv=None) -> int:
                     help="instead: write the demo's multi-task train/test files (yeast FP, CLEAN EC/reaction, data/demo "
                          "names and yes/no; read in place from ../shared/data) into this folder")
     ap.add_argument("--shared", type=Path, default=SHARED_DATA)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="MMseqs2 threads for --tasks (default: every core; the files do not depend on it)")
     a = ap.parse_args(argv)
+    if a.threads < 1:
+        ap.error(f"--threads must be at least 1, got {a.threads}")
     if a.tasks:
-        summary = build_tasks(a.tasks, a.shared, seed=a.seed)
+        summary = build_tasks(a.tasks, a.shared, seed=a.seed, threads=a.threads)
         print(json.dumps(summary, indent=1))
         return 0
     summary = build(a.out, a.examples_dir, a.seed)

@@ -47,6 +47,21 @@ def test_cluster_split_no_leakage(yeast300):
     assert sum(rep["histogram"].values()) == len(te)
 
 
+
+def test_splits_do_not_depend_on_mmseqs_threads(yeast300):
+    """`python -m data.build_demo --tasks` runs MMseqs2 on every core: the clusters, the leakage pass and the identity
+    report must be those of one thread, or the demo's data would change with the machine."""
+    fr, proteins = {"train": 0.8, "test": 0.2}, yeast300[:150]
+    seq = {p["accession"]: p["sequence"] for p in proteins}
+    results = []
+    for threads in (1, 2):
+        assign, clusters = cluster_split(proteins, fr, seed=3, min_seq_id=0.3, coverage=0.5, threads=threads)
+        assign, moved = purge_leakage(proteins, assign, threshold=0.3, threads=threads)
+        tr = {a: seq[a] for a, s in assign.items() if s == "train"}
+        te = {a: seq[a] for a, s in assign.items() if s == "test"}
+        results.append((clusters, assign, moved, identity_report(tr, te, threshold=0.3, threads=threads)))
+    assert results[0] == results[1]
+
 def test_temporal_split():
     ps = [{"accession": "A", "date": "2020-05-01"}, {"accession": "B", "date": "2023-01-02"}, {"accession": "C"}]
     assert temporal_split(ps, "2022-01-01") == {"A": "train", "B": "test", "C": "undated"}
