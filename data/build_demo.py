@@ -93,13 +93,13 @@ def load_demo_proteins(examples_dir: Path, stats: BuildStats) -> list[dict]:
     return validate_proteins(raw, stats, max_length=MAX_LEN, crop=False, allow_nonstandard=False)
 
 
-def build(out_dir: Path = DEMO_DIR, examples_dir: Path = EXAMPLES_DIR, seed: int = SEED) -> dict:
+def build(out_dir: Path = DEMO_DIR, examples_dir: Path = EXAMPLES_DIR, seed: int = SEED, threads: int = 1) -> dict:
     t0 = time.time()
     stats = BuildStats()
     prots = load_demo_proteins(examples_dir, stats)
     assign, clusters = cluster_split(prots, {"train": 0.86, "validation": 0.05, "test": 0.09}, seed=seed,
-                                     min_seq_id=0.3, coverage=0.5)
-    assign, moved = purge_leakage(prots, assign, threshold=0.3)
+                                     min_seq_id=0.3, coverage=0.5, threads=threads)
+    assign, moved = purge_leakage(prots, assign, threshold=0.3, threads=threads)
     for s, n in moved.items():
         stats.add(f"moved_to_train_identity>0.3:{s}", n=n)
     by_split = {s: [p for p in prots if assign[p["accession"]] == s] for s in SPLITS}
@@ -112,7 +112,7 @@ def build(out_dir: Path = DEMO_DIR, examples_dir: Path = EXAMPLES_DIR, seed: int
         records[s] = rows
         stats.add(f"records:{s}", n=len(rows))
     seqs = {s: {p["accession"]: p["sequence"] for p in by_split[s]} for s in SPLITS}
-    ident = identity_report(seqs["train"], seqs["test"], threshold=0.3)
+    ident = identity_report(seqs["train"], seqs["test"], threshold=0.3, threads=threads)
     dd = datasets.DatasetDict({s: datasets.Dataset.from_list(records[s], features=FEATURES) for s in SPLITS})
     version = debian_version()
     card = make_card(
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
                          "names and yes/no; read in place from ../shared/data) into this folder")
     ap.add_argument("--shared", type=Path, default=SHARED_DATA)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="MMseqs2 threads for --tasks (default: every core; the files do not depend on it)")
+                    help="MMseqs2 threads (default: every core; the files do not depend on it)")
     a = ap.parse_args(argv)
     if a.threads < 1:
         ap.error(f"--threads must be at least 1, got {a.threads}")
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
         summary = build_tasks(a.tasks, a.shared, seed=a.seed, threads=a.threads)
         print(json.dumps(summary, indent=1))
         return 0
-    summary = build(a.out, a.examples_dir, a.seed)
+    summary = build(a.out, a.examples_dir, a.seed, threads=a.threads)
     print(json.dumps({k: v for k, v in summary.items() if k != "stats"}, indent=1))
     print(json.dumps(summary["stats"]["counts"], indent=1))
     return 0

@@ -47,7 +47,6 @@ def test_cluster_split_no_leakage(yeast300):
     assert sum(rep["histogram"].values()) == len(te)
 
 
-
 def test_splits_do_not_depend_on_mmseqs_threads(yeast300):
     """`python -m data.build_demo --tasks` runs MMseqs2 on every core: the clusters, the leakage pass and the identity
     report must be those of one thread, or the demo's data would change with the machine."""
@@ -61,6 +60,7 @@ def test_splits_do_not_depend_on_mmseqs_threads(yeast300):
         te = {a: seq[a] for a, s in assign.items() if s == "test"}
         results.append((clusters, assign, moved, identity_report(tr, te, threshold=0.3, threads=threads)))
     assert results[0] == results[1]
+
 
 def test_temporal_split():
     ps = [{"accession": "A", "date": "2020-05-01"}, {"accession": "B", "date": "2023-01-02"}, {"accession": "C"}]
